@@ -1,0 +1,342 @@
+"""The engine's entry points: ``quantize(model, config, calibrate=fn)`` and ``apply_from_env(model)``.
+
+select -> (packs) -> calibrate -> per group: transform, fold, quantize -> swap modules in place -> QuantReport.
+Works on any model built from ``nn.Linear``; nothing here knows about pi0.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from duquant import __version__
+from duquant.calibration import CalibrationResult, LayerStats, calibrate as run_calibration
+from duquant.config import DuQuantConfig, env_is_active
+from duquant.layers import DuQuantLinear, rotate_rows
+from duquant.packs import PackStore, group_fingerprint, weight_fingerprint
+from duquant.quantizers import QuantizedWeight, quantize_weight, search_weight_clip, static_activation_qparams
+from duquant.selection import layer_line, part_counts, select_layers, selection_summary
+from duquant.transform import LayerTransform, build_transform, hadamard_block_rotation
+
+NEEDS_ACTIVATIONS = {"duquant", "smoothquant"}
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    in_features: int
+    out_features: int
+    wbits: int
+    abits: int
+    method: str
+    transform_kind: str
+    group: list[str]
+    from_pack: bool
+    bytes_before: int
+    bytes_after: int
+    act_clip: float
+
+
+@dataclass
+class QuantReport:
+    config: dict
+    layers: list[LayerRecord] = field(default_factory=list)
+    total_linear: int = 0
+    dryrun: bool = False
+    calibration_seconds: float = 0.0
+    quantization_seconds: float = 0.0
+    pack_hits: int = 0
+    pack_misses: int = 0
+    stale: list[tuple[str, str]] = field(default_factory=list)
+    weight_only_fallback: bool = False
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers) if not self.dryrun else len(self.lines)
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(r.bytes_before for r in self.layers)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(r.bytes_after for r in self.layers)
+
+    def part_counts(self) -> dict[str, int]:
+        return part_counts([r.name for r in self.layers])
+
+    def summary(self) -> str:
+        if self.dryrun:
+            return f"dry run: {len(self.lines)} layers would be quantized"
+        kinds = sorted({r.transform_kind for r in self.layers})
+        out = [f"quantized {len(self.layers)} of {self.total_linear} Linear layers "
+               f"({', '.join(f'{k} {v}' for k, v in self.part_counts().items() if v)})",
+               f"transform: {', '.join(kinds)}; weights {self.bytes_before / 2**20:.2f} MiB -> "
+               f"{self.bytes_after / 2**20:.2f} MiB",
+               f"calibration {self.calibration_seconds:.2f} s, quantization {self.quantization_seconds:.2f} s, "
+               f"packs: {self.pack_hits} reused, {self.pack_misses} computed"]
+        if self.weight_only_fallback:
+            out.append("no calibration data: DuQuant rotations were built from the weights only (duquant-weight-only)")
+        for name, why in self.stale[:5]:
+            out.append(f"recomputed stale pack {name}: {why}")
+        return "\n".join(out)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["bytes_before"] = self.bytes_before
+        d["bytes_after"] = self.bytes_after
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _seed_for(config: DuQuantConfig, name: str) -> int:
+    return (config.seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
+
+
+def quantize(model: nn.Module, config: DuQuantConfig | None = None,
+             calibrate: Callable[[nn.Module], None] | None = None, *, calibration: CalibrationResult | None = None,
+             progress: bool = True, verbose: bool = True) -> QuantReport:
+    """Replace the selected ``nn.Linear`` layers of `model` by ``DuQuantLinear`` in place.
+
+    `calibrate(model)` runs the forward passes used for calibration (any number of batches); it is called at most
+    once, and not at all when every layer is found in the pack directory. `calibration` passes statistics recorded
+    earlier (``duquant.calibration.calibrate``) instead, e.g. to compare several methods on one calibration run.
+    """
+    config = config or DuQuantConfig()
+    selection = select_layers(model, config)
+    report = QuantReport(config=config.to_dict(), total_linear=selection.total_linear)
+    if config.debug and verbose:
+        _log(selection_summary(model, selection, config))
+    if config.dryrun:
+        report.dryrun = True
+        report.lines = [layer_line(n, m, config) for n, m in selection.modules.items()]
+        return report
+    if config.backend == "gpu":
+        from duquant import kernels
+
+        ok, why = kernels.gpu_available()
+        if not ok:
+            raise RuntimeError(f"OPENPI_DUQUANT_BACKEND=gpu cannot run here: {why}. Use --backend fake.")
+
+    store = PackStore(config.packdir) if config.packdir else None
+    fingerprints = {n: weight_fingerprint(m.weight, m.bias) for n, m in selection.modules.items()}
+
+    # 1. Packs: a layer whose pack matches its config and weights (and its group's weights) is loaded.
+    loaded: dict[str, DuQuantLinear] = {}
+    if store is not None:
+        for name, module in selection.modules.items():
+            meta, why = store.check(name, config_hash=config.layer_hash(name),
+                                    shape=(module.out_features, module.in_features), fingerprint=fingerprints[name])
+            if meta is not None:
+                group = meta.get("group", [name])
+                if any(g not in fingerprints for g in group):
+                    meta, why = None, "group members not selected now"
+                elif meta.get("group_fingerprint") != group_fingerprint([fingerprints[g] for g in group]):
+                    meta, why = None, "weights of a layer sharing the transform changed"
+            if meta is None:
+                if why != "no pack":
+                    store.stale.append((name, why))
+                    if verbose:
+                        _log(f"[duquant] pack for {name} is stale ({why}); recomputing")
+                continue
+            loaded[name] = layer_from_pack(store.load(name).tensors, meta, module, config)
+    todo = {n: m for n, m in selection.modules.items() if n not in loaded}
+
+    # 2. Calibration, only for what the packs did not provide.
+    calib: CalibrationResult | None = None
+    needs_stats = config.method in NEEDS_ACTIVATIONS or config.act_static or config.clip_search or config.act_pct
+    if todo and needs_stats and calibration is not None:
+        missing = [n for n in todo if n not in calibration.stats]
+        if missing:
+            raise ValueError(f"the calibration passed in has no statistics for {len(missing)} selected layers, "
+                             f"e.g. {missing[:3]}; record it over a superset of the selection")
+        groups = [[n for n in g if n in todo] for g in calibration.groups]
+        calib = CalibrationResult({n: calibration.stats[n] for n in todo}, [g for g in groups if g], 0.0)
+    elif todo and needs_stats and calibrate is not None:
+        calib = run_calibration(model, todo, calibrate, max_tokens=config.calib_tokens, seed=config.seed)
+        report.calibration_seconds = calib.seconds
+    elif todo and needs_stats:
+        if config.method == "smoothquant":
+            raise ValueError("method 'smoothquant' needs activation statistics: pass calibrate=fn "
+                             "(CLI: calibration runs on --calib FILE or synthetic observations)")
+        if config.act_static or config.act_pct:
+            raise ValueError("act_static / act_pct need calibration data: pass calibrate=fn")
+        report.weight_only_fallback = config.method == "duquant"
+
+    # 3. Transform + quantize each group.
+    start = time.perf_counter()
+    groups = calib.groups if calib is not None else [[n] for n in todo]
+    if not config.share_transforms:
+        groups = [[n] for g in groups for n in g]
+    from tqdm.auto import tqdm
+
+    built: dict[str, tuple[DuQuantLinear, dict]] = {}
+    for group in tqdm(groups, desc=f"quantize ({config.method})", disable=not progress, leave=False):
+        stats = calib.stats[group[0]] if calib is not None else None
+        layers, metas = quantize_group(group, {n: todo[n] for n in group}, stats, config)
+        for n in group:
+            built[n] = (layers[n], metas[n])
+    report.quantization_seconds = time.perf_counter() - start
+
+    # 4. Save new packs, swap modules, build the report.
+    manifest = {}
+    for name in todo:
+        layer, meta = built[name]
+        if store is not None:
+            meta = {**meta, "config_hash": config.layer_hash(name), "config": config.to_dict(),
+                    "weight_fingerprint": fingerprints[name],
+                    "group_fingerprint": group_fingerprint([fingerprints[g] for g in meta["group"]]),
+                    "duquant_version": __version__}
+            path = store.save(name, layer_tensors(layer), meta)
+            manifest[name] = {"file": path.name, "config_hash": meta["config_hash"],
+                              "weight_fingerprint": fingerprints[name], "transform_kind": meta["transform_kind"]}
+        loaded[name] = layer
+    if store is not None and manifest:
+        store.write_manifest(manifest)
+    report.pack_hits = len(selection) - len(todo)
+    report.pack_misses = len(todo)
+    report.stale = list(store.stale) if store is not None else []
+
+    for name in selection.names:
+        old = selection.modules[name]
+        new = loaded[name]
+        new.backend = config.backend
+        _set_module(model, name, new)
+        report.layers.append(LayerRecord(
+            name=name, in_features=old.in_features, out_features=old.out_features, wbits=new.wbits,
+            abits=new.abits, method=config.method, transform_kind=new.transform.kind,
+            group=getattr(new, "group", [name]), from_pack=name not in todo,
+            bytes_before=old.weight.numel() * old.weight.element_size()
+            + (0 if old.bias is None else old.bias.numel() * old.bias.element_size()),
+            bytes_after=new.weight_bytes(), act_clip=new.act_clip))
+    if verbose:
+        _log("[duquant] " + report.summary().replace("\n", "\n[duquant] "))
+    return report
+
+
+def quantize_group(names: list[str], modules: dict[str, nn.Linear], stats: LayerStats | None,
+                   config: DuQuantConfig) -> tuple[dict[str, DuQuantLinear], dict[str, dict]]:
+    """One transform for layers that share their input, then each layer's weight folded and quantized."""
+    first = modules[names[0]]
+    device = first.weight.device
+    w_cat = torch.cat([modules[n].weight.detach().float().cpu() for n in names])
+    act_absmax = stats.absmax if stats is not None else None
+    sample = stats.sample if stats is not None else None
+    transform = build_transform(
+        config.method, weight=w_cat, act_absmax=act_absmax, act_sample=sample, block_size=config.block_size,
+        alpha=config.smoothing_alpha, steps=config.rotation_steps, permute=config.permute,
+        seed=_seed_for(config, names[0]))
+    x_t = transform.apply(sample) if sample is not None else None
+
+    act_clip = config.activation_clip
+    if config.act_pct is not None and x_t is not None:
+        act_clip = percentile_clip_ratio(x_t, config.act_pct)
+    act_static = None
+    if config.act_static and config.quantize_activations:
+        act_static = static_activation_qparams(x_t, config.abits, config.act_symmetric, clip=act_clip)
+
+    layers, metas = {}, {}
+    for name in names:
+        module = modules[name]
+        bits = config.bits_for(name)
+        w_t = transform.fold_into_weight(module.weight.detach().float().cpu())
+        out_rot = None
+        if config.row_rot != "0":
+            out_rot = hadamard_block_rotation(module.out_features, config.block_out or config.block_size,
+                                              generator=torch.Generator().manual_seed(_seed_for(config, name) + 1))
+            w_t = rotate_rows(w_t, out_rot)
+        clip: float | torch.Tensor = config.weight_clip(bits)
+        if config.clip_search:
+            clip = search_weight_clip(w_t, x_t, bits, config.w_symmetric)
+        qw = quantize_weight(w_t, bits, symmetric=config.w_symmetric, clip=clip, group_size=config.w_group_size)
+        layer = DuQuantLinear(
+            module.in_features, module.out_features, qweight=qw, transform=transform, bias=module.bias,
+            abits=config.abits, act_symmetric=config.act_symmetric, act_clip=act_clip, act_static=act_static,
+            method=config.method, backend=config.backend, out_rotation=out_rot)
+        layer.group = list(names)
+        layers[name] = layer.to(device)
+        metas[name] = {"group": list(names), "transform_kind": transform.kind, "calibrated": stats is not None,
+                       "act_clip": act_clip, "act_static": list(act_static) if act_static else None,
+                       "wbits": bits, "w_symmetric": config.w_symmetric, "w_group_size": config.w_group_size,
+                       "abits": config.abits, "act_symmetric": config.act_symmetric, "method": config.method,
+                       "block_size": config.block_size, "in_features": module.in_features,
+                       "out_features": module.out_features}
+    return layers, metas
+
+
+def percentile_clip_ratio(x: torch.Tensor, pct: float) -> float:
+    """Per-token clip ratio equivalent to clipping at the `pct` percentile of |x| (mean over tokens), so
+    percentile clipping stays a per-token dynamic quantizer an integer GEMM can run."""
+    a = x.abs().float()
+    q = torch.quantile(a, pct / 100.0, dim=-1)
+    m = a.amax(dim=-1).clamp(min=1e-12)
+    return float((q / m).clamp(0.05, 1.0).mean())
+
+
+def layer_tensors(layer: DuQuantLinear) -> dict[str, torch.Tensor]:
+    tensors = {"qweight": layer.qweight, "w_scale": layer.w_scale}
+    if layer.w_zero is not None:
+        tensors["w_zero"] = layer.w_zero
+    if layer.bias is not None:
+        tensors["bias"] = layer.bias
+    if layer.out_rotation is not None:
+        tensors["out_rotation"] = layer.out_rotation
+    tensors.update(layer.transform.to_tensors("transform."))
+    return tensors
+
+
+def layer_from_pack(tensors: dict[str, torch.Tensor], meta: dict, module: nn.Module | None,
+                    config: DuQuantConfig) -> DuQuantLinear:
+    out_f, in_f = meta["out_features"], meta["in_features"]
+    transform = LayerTransform.from_tensors(tensors, "transform.", in_features=in_f, block_size=meta["block_size"],
+                                            kind=meta["transform_kind"])
+    qw = QuantizedWeight.from_packed(tensors["qweight"], tensors["w_scale"], tensors.get("w_zero"),
+                                     bits=meta["wbits"], symmetric=meta["w_symmetric"],
+                                     group_size=meta["w_group_size"], shape=(out_f, in_f))
+    act_static = tuple(meta["act_static"]) if meta.get("act_static") else None
+    layer = DuQuantLinear(in_f, out_f, qweight=qw, transform=transform, bias=tensors.get("bias"),
+                          abits=meta["abits"], act_symmetric=meta["act_symmetric"], act_clip=meta["act_clip"],
+                          act_static=act_static, method=meta["method"], backend=config.backend,
+                          out_rotation=tensors.get("out_rotation"))
+    layer.group = list(meta.get("group", []))
+    if module is not None:
+        layer = layer.to(module.weight.device)
+    return layer
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def apply_from_env(model: nn.Module, calibrate: Callable[[nn.Module], None] | None = None,
+                   environ=None, **overrides) -> QuantReport | None:
+    """The one-line hook for an existing process: quantize `model` as the OPENPI_DUQUANT_* variables say.
+
+    Returns None (model untouched) when no OPENPI_DUQUANT_* variable other than PACKDIR is set, as the openpi
+    scripts do. With DRYRUN=1 it prints the layer list and leaves the model unchanged.
+    """
+    if not overrides and not env_is_active(environ):
+        return None
+    config = DuQuantConfig.from_env(environ, **overrides)
+    report = quantize(model, config, calibrate=calibrate)
+    if report.dryrun:
+        for line in report.lines:
+            print(line)
+        print(f"Matched Linear layers: {len(report.lines)}")
+    return report

@@ -1,0 +1,176 @@
+"""`duquant` command line: layers | verify | quantize | report | bench | serve | eval | record.
+
+Every quantization flag has an OPENPI_DUQUANT_* twin (flags win). Models: the built-in tiny pi0 by default,
+`--config pi0|pi05|pi0-tiny|pi05-tiny` (full sizes are built on the meta device where no weights are needed), or a
+user's checkpoint with `--checkpoint DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from duquant.config import PRESETS, ConfigError, add_cli_args, from_args
+
+CONFIG_CHOICES = ("pi0", "pi05", "pi0-tiny", "pi05-tiny")
+
+
+def _add_model_args(p: argparse.ArgumentParser, default_config: str = "pi0-tiny") -> None:
+    p.add_argument("--config", default=None, choices=CONFIG_CHOICES,
+                   help=f"built-in model config (default {default_config}; with --checkpoint: detected)")
+    p.add_argument("--checkpoint", help="directory (or model.safetensors) of a pi0 / pi0.5 PyTorch checkpoint")
+    p.set_defaults(default_config=default_config)
+
+
+def _model_for_listing(args):
+    """Build on meta (no weights) unless a checkpoint is given."""
+    from duquant.workflows import load_model
+
+    if args.checkpoint:
+        return load_model(args.config, args.checkpoint)
+    return load_model(args.config or args.default_config, device="meta")
+
+
+def cmd_layers(args) -> int:
+    from duquant.selection import layer_line, select_layers, selection_summary
+
+    cfg = from_args(args)
+    model = _model_for_listing(args)
+    sel = select_layers(model, cfg)
+    if cfg.debug:
+        print(selection_summary(model, sel, cfg))
+    for name, module in sel.modules.items():
+        print(layer_line(name, module, cfg))
+    print(f"Matched Linear layers: {len(sel)}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from duquant.selection import select_layers, verify_selection
+
+    cfg = from_args(args)
+    preset = cfg.preset or args.preset
+    if preset is None:
+        raise ConfigError("verify needs a preset: --preset " + "|".join(PRESETS) + " (or OPENPI_DUQUANT_PRESET)")
+    model = _model_for_listing(args)
+    sel = select_layers(model, cfg, allow_empty=True)
+    result = verify_selection(sel, preset)
+    print("\n".join(result.lines))
+    print(f"Matched Linear layers: {len(sel)}")
+    print("verify: OK" if result.ok else "verify: MISMATCH")
+    return 0 if result.ok else 1
+
+
+def cmd_quantize(args) -> int:
+    import torch
+
+    from duquant import workflows as wf
+    from duquant.api import quantize
+
+    cfg = from_args(args)
+    if cfg.dryrun:
+        return cmd_layers(args)
+    config_name = args.config or (None if args.checkpoint else args.default_config)
+    dtype = wf.parse_dtype(args.dtype)
+    model = wf.load_model(config_name, args.checkpoint, device=args.device, dtype=dtype, seed=args.model_seed)
+    if cfg.packdir is None:
+        cfg = cfg.replace(packdir=wf.default_packdir(config_name or "checkpoint", cfg))
+    if args.calib:
+        calib_obs = wf.load_calibration_file(args.calib, args.batch_size)
+    else:
+        calib_obs = wf.synthetic_observations(model, cfg.calib_steps, args.batch_size, seed=args.data_seed)
+    held_out = wf.synthetic_observations(model, 2, args.batch_size, seed=args.data_seed + 10_000)
+    ref = wf.sample_actions(model, held_out) if not args.no_eval else None
+    report = quantize(model, cfg, calibrate=wf.calibration_fn(calib_obs, cfg.calib_steps))
+    result = {"report": report.to_dict(), "packdir": cfg.packdir}
+    if ref is not None:
+        with torch.no_grad():
+            pred = wf.sample_actions(model, held_out)
+        result["action_rel_mse"] = wf.relative_mse(pred, ref)
+        result["action_max_abs"] = wf.max_abs_error(pred, ref)
+        print(f"action error vs float on held-out synthetic observations: rel MSE {result['action_rel_mse']:.3e}, "
+              f"max abs {result['action_max_abs']:.3e}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+    print(f"packs: {cfg.packdir} ({report.pack_hits} reused, {report.pack_misses} computed)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from duquant.report import run_report_cli
+
+    return run_report_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="duquant", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("layers", help="list the layers a config selects (dry run); ends with 'Matched Linear layers: N'")
+    _add_model_args(p)
+    add_cli_args(p)
+    p.set_defaults(func=cmd_layers)
+
+    p = sub.add_parser("verify", help="check the selected layers against a preset's count and kinds")
+    _add_model_args(p, default_config="pi0")
+    add_cli_args(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("quantize", help="calibrate, quantize and write packs; prints the action error vs float")
+    _add_model_args(p)
+    add_cli_args(p)
+    p.add_argument("--calib", help="calibration observations (.safetensors/.npz, see docs/report.md)")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--model-seed", type=int, default=0, help="seed of the built-in model's weights")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic observations")
+    p.add_argument("--no-eval", action="store_true", help="skip the action-error check")
+    p.add_argument("--out", help="write the quantization report JSON here")
+    p.set_defaults(func=cmd_quantize)
+
+    from duquant import report as report_mod
+
+    p = sub.add_parser("report", help="accuracy and memory of every method on every part of pi0 (the main job)")
+    _add_model_args(p)
+    report_mod.add_report_args(p)
+    p.set_defaults(func=cmd_report)
+
+    # Subcommands owned by optional modules register themselves (bench: kernels; serve; eval/record: LIBERO).
+    for module in ("duquant.kernels.cli", "duquant.serve.cli", "duquant.eval.cli"):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as err:
+            if err.name is not None and err.name.startswith("duquant"):
+                continue  # module not part of this build
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"duquant: configuration error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        from duquant.packs import PackError
+        from duquant.selection import SelectionError
+
+        if isinstance(err, (SelectionError, PackError, FileNotFoundError)):
+            print(f"duquant: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

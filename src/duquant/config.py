@@ -1,0 +1,438 @@
+"""DuQuantConfig: every knob of the engine, from Python, CLI flags or ``OPENPI_DUQUANT_*`` variables.
+
+Precedence is Python/CLI over environment over defaults. Every value is validated when the config is built,
+and every error names the variable (or field) and the fix. The environment names are those of the openpi
+DuQuant scripts (``OPENPI_DUQUANT_SCOPE``, ``_INCLUDE``, ``_BLOCK``, ...), so existing scripts keep working.
+
+This module is torch-free on purpose: the LIBERO client and the report schema import it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+ENV_PREFIX = "OPENPI_DUQUANT_"
+
+# Linear layers inside transformer blocks; `out_proj` is SigLIP's attention output.
+DEFAULT_INCLUDE = r".*(q_proj|k_proj|v_proj|o_proj|out_proj|fc1|fc2|gate_proj|up_proj|down_proj).*"
+# Embedding / head / conditioning layers stay in float unless asked for. `action_out_proj` contains `out_proj`,
+# which is why it must be excluded by name (INCLUDE_ACTION_HEAD=1 lifts that).
+HEAD_LAYERS = ("lm_head", "multi_modal_projector", "action_in_proj", "action_out_proj", "state_proj",
+               "action_time_mlp_in", "action_time_mlp_out", "time_mlp_in", "time_mlp_out")
+ACTION_HEAD_LAYERS = ("action_in_proj", "action_out_proj")
+NORM_LAYERS = ("norm", "ln", "layernorm", "emb", "embed_tokens", "dense")
+
+
+def default_exclude(include_action_head: bool = False) -> str:
+    heads = [h for h in HEAD_LAYERS if not (include_action_head and h in ACTION_HEAD_LAYERS)]
+    return r"(?:^|\.)(" + "|".join(heads) + r")(?:\.|$)" + r"|(?:^|\.)(?:norm|ln|layernorm|emb)(?:\.|$)" + \
+        r"|_layernorm\.dense$|\.norm\.dense$"
+
+
+METHODS = ("duquant", "smoothquant", "hadamard", "rtn")
+BACKENDS = ("fake", "gpu")
+ROW_ROT_VALUES = ("0", "restore", "propagate")
+WEIGHT_BITS = (2, 3, 4, 8)
+ACT_BITS = (0, 4, 8, 16)  # 0 and 16 mean "activations stay in float"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named part of pi0 / pi0.5 and what selecting it must give."""
+
+    name: str
+    scope: str
+    include: str
+    expected: int
+    kinds: tuple[str, ...]  # the Linear kinds of one block, in module order
+    blocks: int
+    description: str
+
+
+_LLM = "paligemma_with_expert.paligemma.model.language_model."
+_DIT = "paligemma_with_expert.gemma_expert.model."
+_VISION = "paligemma_with_expert.paligemma.model.vision_tower."
+_GEMMA_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_SIGLIP_KINDS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+PRESETS: dict[str, Preset] = {
+    "llm": Preset("llm", _LLM, DEFAULT_INCLUDE, 126, _GEMMA_KINDS, 18, "PaliGemma's Gemma 2B language model"),
+    "dit": Preset("dit", _DIT, DEFAULT_INCLUDE, 126, _GEMMA_KINDS, 18, "the Gemma 300M action expert"),
+    "vision": Preset("vision", _VISION, DEFAULT_INCLUDE, 162, _SIGLIP_KINDS, 27, "the SigLIP So400m/14 encoder"),
+    "llm+dit": Preset("llm+dit", "paligemma_with_expert.",
+                      r".*(language_model|gemma_expert)\..*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj).*",
+                      252, _GEMMA_KINDS, 36, "language model and action expert"),
+    "full": Preset("full", "", DEFAULT_INCLUDE, 414, (), 0, "vision + language model + action expert"),
+}
+PART_SCOPES = {"llm": _LLM, "dit": _DIT, "vision": _VISION}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the variable and the fix."""
+
+
+@dataclass(frozen=True)
+class DuQuantConfig:
+    """How to quantize. Defaults are the DuQuant paper's W4A8 (block 128, 256 greedy steps, alpha 0.6,
+    asymmetric per-channel weights with clip 0.8, asymmetric per-token activations with clip 0.9)."""
+
+    method: str = "duquant"
+    wbits: int = 4
+    abits: int = 8
+    scope: str = ""
+    include: str = DEFAULT_INCLUDE
+    exclude: str | None = None  # None: default_exclude(include_action_head)
+    layers: tuple[str, ...] = ()  # explicit whitelist of full names (OPENPI_DUQUANT_LAYERS)
+    wbits_overrides: tuple[tuple[str, int], ...] = ()  # (name or regex, bits), OPENPI_DUQUANT_WBITS
+    preset: str | None = None
+    block_size: int = 128
+    block_out: int | None = None  # accepted for the fork's scripts; used by row_rot="restore"
+    permute: bool = True
+    row_rot: str = "0"
+    alpha: float | None = None  # smoothing strength (LS); None: 0.6 for duquant, 0.5 for smoothquant
+    rotation_steps: int = 256
+    w_symmetric: bool = False
+    w_clip: float | None = None  # None: 0.8 (paper) for <= 4 bits, 1.0 for 8 bits
+    w_group_size: int | None = None
+    clip_search: bool = False
+    act_symmetric: bool = False
+    act_clip: float | None = None  # None: 0.9 (paper) for <= 4 bits, 1.0 for 8 bits (see docs/algorithm.md)
+    act_pct: float | None = None  # percentile clipping of activations, folded into a per-layer clip ratio
+    act_static: bool = False  # one static per-tensor activation scale instead of per-token dynamic
+    calib_steps: int = 32
+    calib_tokens: int = 2048  # bounded token sample kept per layer for the greedy search and clip search
+    share_transforms: bool = True  # q/k/v and gate/up (layers fed the same tensor) share one transform
+    packdir: str | None = None
+    backend: str = "fake"
+    include_action_head: bool = False
+    debug: bool = False
+    dryrun: bool = False
+    seed: int = 0
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}"
+                              f" (OPENPI_DUQUANT_PRESET / --preset)")
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {list(METHODS)} (--method)")
+        if self.wbits not in WEIGHT_BITS:
+            raise ConfigError(f"weight bits {self.wbits} not supported; use one of {list(WEIGHT_BITS)}"
+                              f" (OPENPI_DUQUANT_WBITS_DEFAULT / --wbits)")
+        if self.abits not in ACT_BITS:
+            raise ConfigError(f"activation bits {self.abits} not supported; use one of {list(ACT_BITS)}"
+                              f" (0 or 16 keeps activations in float) (OPENPI_DUQUANT_ABITS / --abits)")
+        for name, bits in self.wbits_overrides:
+            if bits not in WEIGHT_BITS:
+                raise ConfigError(f"OPENPI_DUQUANT_WBITS: bits {bits} for {name!r} not in {list(WEIGHT_BITS)}")
+        if self.block_size < 2:
+            raise ConfigError(f"block size {self.block_size} must be >= 2 (OPENPI_DUQUANT_BLOCK / --block-size)")
+        if self.block_out is not None and self.block_out < 2:
+            raise ConfigError(f"BLOCK_OUT {self.block_out} must be >= 2 (OPENPI_DUQUANT_BLOCK_OUT)")
+        if self.row_rot not in ROW_ROT_VALUES:
+            raise ConfigError(f"row rotation {self.row_rot!r} not in {list(ROW_ROT_VALUES)} (OPENPI_DUQUANT_ROW_ROT)")
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"smoothing strength {self.alpha} must be in [0, 1] (OPENPI_DUQUANT_LS / --alpha)")
+        if self.w_clip is not None and not 0.0 < self.w_clip <= 1.0:
+            raise ConfigError(f"weight clip {self.w_clip} must be in (0, 1] (OPENPI_DUQUANT_W_CLIP / --w-clip)")
+        if self.act_clip is not None and not 0.0 < self.act_clip <= 1.0:
+            raise ConfigError(f"activation clip {self.act_clip} must be in (0, 1] (OPENPI_DUQUANT_ACT_CLIP)")
+        if self.act_pct is not None and not 50.0 < self.act_pct <= 100.0:
+            raise ConfigError(f"activation percentile {self.act_pct} must be in (50, 100] (OPENPI_DUQUANT_ACT_PCT)")
+        if self.rotation_steps < 0:
+            raise ConfigError("rotation steps must be >= 0 (OPENPI_DUQUANT_STEPS / --rotation-steps)")
+        if self.calib_steps < 1:
+            raise ConfigError(f"calibration steps {self.calib_steps} must be >= 1 (OPENPI_DUQUANT_CALIB_STEPS)")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend {self.backend!r} not in {list(BACKENDS)} (OPENPI_DUQUANT_BACKEND / --backend)")
+        if self.w_group_size is not None and self.w_group_size < 8:
+            raise ConfigError("weight group size must be >= 8 or unset (--w-group-size)")
+        for label, pattern in (("INCLUDE", self.include), ("EXCLUDE", self.exclude)):
+            if pattern is None:
+                continue
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"OPENPI_DUQUANT_{label} / --{label.lower()} is not a valid regular expression: "
+                                  f"{pattern!r} ({err}); escape literal dots as \\. and balance parentheses") from err
+        for name, _ in self.wbits_overrides:
+            if name.startswith("re:"):
+                try:
+                    re.compile(name[3:])
+                except re.error as err:
+                    raise ConfigError(f"OPENPI_DUQUANT_WBITS: bad regex {name!r}: {err}") from err
+
+    # ---- derived values -------------------------------------------------------------------------------------
+    @property
+    def smoothing_alpha(self) -> float:
+        if self.alpha is not None:
+            return self.alpha
+        return 0.5 if self.method == "smoothquant" else 0.6
+
+    def weight_clip(self, bits: int) -> float:
+        if self.w_clip is not None:
+            return self.w_clip
+        return 0.8 if bits <= 4 else 1.0
+
+    @property
+    def activation_clip(self) -> float:
+        if self.act_clip is not None:
+            return self.act_clip
+        return 0.9 if self.abits <= 4 else 1.0
+
+    @property
+    def effective_exclude(self) -> str:
+        return self.exclude if self.exclude is not None else default_exclude(self.include_action_head)
+
+    @property
+    def quantize_activations(self) -> bool:
+        return self.abits not in (0, 16)
+
+    @property
+    def bits_label(self) -> str:
+        return f"w{self.wbits}a{self.abits if self.quantize_activations else 16}"
+
+    def bits_for(self, name: str) -> int:
+        """Weight bits for one layer: exact override, then the first matching `re:` override, then wbits."""
+        for key, bits in self.wbits_overrides:
+            if key == name:
+                return bits
+        for key, bits in self.wbits_overrides:
+            if key.startswith("re:") and re.search(key[3:], name):
+                return bits
+        return self.wbits
+
+    def replace(self, **changes) -> DuQuantConfig:
+        return dataclasses.replace(self, **changes)
+
+    def with_preset(self, preset: str | None) -> DuQuantConfig:
+        """Apply a preset's scope and include (explicitly given values win in from_sources)."""
+        if preset is None:
+            return self
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        p = PRESETS[preset]
+        return self.replace(preset=preset, scope=p.scope, include=p.include)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["layers"] = list(self.layers)
+        d["wbits_overrides"] = [list(x) for x in self.wbits_overrides]
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> DuQuantConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown DuQuantConfig keys {unknown}; known keys: {sorted(known)}")
+        data = dict(data)
+        if "layers" in data:
+            data["layers"] = tuple(data["layers"])
+        if "wbits_overrides" in data:
+            data["wbits_overrides"] = tuple((str(k), int(v)) for k, v in data["wbits_overrides"])
+        return cls(**data)
+
+    def layer_hash(self, name: str) -> str:
+        """Hash of everything that decides one layer's pack (selection-only fields left out)."""
+        relevant = {k: v for k, v in self.to_dict().items() if k in _PACK_FIELDS}
+        relevant["wbits"] = self.bits_for(name)
+        relevant["alpha"] = self.smoothing_alpha
+        relevant["w_clip"] = self.weight_clip(relevant["wbits"])
+        relevant["act_clip"] = self.activation_clip
+        blob = json.dumps(relevant, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    # ---- sources ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> DuQuantConfig:
+        """Environment over defaults; keyword overrides (Python/CLI) over both."""
+        env_values = parse_env(os.environ if environ is None else environ)
+        return cls.from_sources(env_values, overrides)
+
+    @classmethod
+    def from_sources(cls, env_values: Mapping, overrides: Mapping) -> DuQuantConfig:
+        merged = {**env_values, **{k: v for k, v in overrides.items() if v is not None}}
+        preset = merged.get("preset")
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)} "
+                                  f"(OPENPI_DUQUANT_PRESET / --preset)")
+            p = PRESETS[preset]
+            merged.setdefault("scope", p.scope)
+            merged.setdefault("include", p.include)
+        return cls(**merged)
+
+
+_PACK_FIELDS = {"method", "wbits", "abits", "block_size", "block_out", "permute", "row_rot", "alpha", "rotation_steps",
+                "w_symmetric", "w_clip", "w_group_size", "clip_search", "act_symmetric", "act_clip", "act_pct",
+                "act_static", "share_transforms", "seed", "version"}
+
+
+# ---- environment -------------------------------------------------------------------------------------------------
+
+def _bool(var: str, value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{var}={value!r} is not a boolean; use 1 or 0")
+
+
+def _int(var: str, value: str) -> int:
+    try:
+        return int(value.strip())
+    except ValueError:
+        raise ConfigError(f"{var}={value!r} is not an integer") from None
+
+
+def _float(var: str, value: str) -> float:
+    try:
+        return float(value.strip())
+    except ValueError:
+        raise ConfigError(f"{var}={value!r} is not a number") from None
+
+
+def parse_layer_list(var: str, value: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in value.replace("\n", ",").split(",") if x.strip())
+
+
+def parse_wbits_overrides(var: str, value: str) -> tuple[tuple[str, int], ...]:
+    """`name:bits,name2:bits` (a name may be `re:<regex>`; the last colon separates the bits)."""
+    out = []
+    for item in parse_layer_list(var, value):
+        name, sep, bits = item.rpartition(":")
+        if not sep or not name:
+            raise ConfigError(f"{var}: entry {item!r} must look like 'layer.name:4' (comma-separated)")
+        out.append((name.strip(), _int(var, bits)))
+    return tuple(out)
+
+
+# variable suffix -> (field, parser). None as field: accepted for compatibility, has no effect here.
+ENV_VARS: dict[str, tuple[str | None, object, str]] = {
+    "SCOPE": ("scope", lambda v, x: x, "module-name prefix a layer must start with"),
+    "INCLUDE": ("include", lambda v, x: x, "regex (re.search) a layer name must match"),
+    "EXCLUDE": ("exclude", lambda v, x: x, "regex (re.search) that removes layers"),
+    "LAYERS": ("layers", parse_layer_list, "explicit comma-separated whitelist of layer names"),
+    "PRESET": ("preset", lambda v, x: x.strip(), f"one of {sorted(PRESETS)}"),
+    "METHOD": ("method", lambda v, x: x.strip().lower(), f"one of {list(METHODS)}"),
+    "WBITS_DEFAULT": ("wbits", _int, "weight bits for every selected layer (2, 3, 4, 8)"),
+    "WBITS": ("wbits_overrides", parse_wbits_overrides, "per-layer weight bits 'name:bits,...'"),
+    "ABITS": ("abits", _int, "activation bits (8, 4; 0 or 16 = float activations)"),
+    "BLOCK": ("block_size", _int, "rotation block size (paper 128; the fork's scripts use 16 or 64)"),
+    "BLOCK_OUT": ("block_out", _int, "output-side block size for ROW_ROT=restore"),
+    "PERMUTE": ("permute", _bool, "zigzag permutation between the two rotations (1/0)"),
+    "ROW_ROT": ("row_rot", lambda v, x: x.strip().lower(), "output-side rotation: 0 | restore | propagate"),
+    "LS": ("alpha", _float, "smoothing strength alpha in [0, 1]"),
+    "ACT_PCT": ("act_pct", _float, "activation clipping percentile, e.g. 99.9"),
+    "ACT_CLIP": ("act_clip", _float, "per-token activation clip ratio (paper 0.9)"),
+    "W_CLIP": ("w_clip", _float, "per-channel weight clip ratio (paper 0.8)"),
+    "W_SYM": ("w_symmetric", _bool, "symmetric weights (1/0)"),
+    "ACT_SYM": ("act_symmetric", _bool, "symmetric activations (1/0)"),
+    "ACT_STATIC": ("act_static", _bool, "one static per-tensor activation scale (1/0)"),
+    "CLIP_SEARCH": ("clip_search", _bool, "per-channel weight clip search on calibration data (1/0)"),
+    "STEPS": ("rotation_steps", _int, "greedy rotation steps (paper 256)"),
+    "CALIB_STEPS": ("calib_steps", _int, "calibration batches"),
+    "SEED": ("seed", _int, "seed of the random rotations"),
+    "PACKDIR": ("packdir", lambda v, x: x, "directory of per-layer pack files"),
+    "BACKEND": ("backend", lambda v, x: x.strip().lower(), "fake | gpu"),
+    "INCLUDE_ACTION_HEAD": ("include_action_head", _bool, "also quantize action_in_proj / action_out_proj"),
+    "DEBUG": ("debug", _bool, "print the selection summary and per-part counts"),
+    "DRYRUN": ("dryrun", _bool, "list the selected layers and change nothing"),
+    # Read by the fork, no effect here (kept so existing scripts run unchanged):
+    "PROFILE": (None, _bool, "accepted for compatibility; use `duquant bench`"),
+    "PRECACHE_WEIGHTS": (None, _bool, "accepted for compatibility; packs are always cached"),
+    "INPUT_TRANSPOSE": (None, _bool, "accepted for compatibility; unused"),
+}
+
+
+def parse_env(environ: Mapping[str, str]) -> dict:
+    """Read every OPENPI_DUQUANT_* variable; an unknown one is an error with the closest known name."""
+    values: dict = {}
+    for var, raw in environ.items():
+        if not var.startswith(ENV_PREFIX):
+            continue
+        suffix = var[len(ENV_PREFIX):]
+        if suffix not in ENV_VARS:
+            close = difflib.get_close_matches(suffix, list(ENV_VARS), n=1)
+            hint = f"did you mean {ENV_PREFIX}{close[0]}? " if close else ""
+            raise ConfigError(f"unknown environment variable {var}; {hint}known: "
+                              + ", ".join(ENV_PREFIX + k for k in ENV_VARS))
+        field_name, parser, _ = ENV_VARS[suffix]
+        if field_name is None:
+            continue
+        if suffix in ("SCOPE", "INCLUDE", "EXCLUDE", "PACKDIR") and raw == "" and suffix != "SCOPE":
+            continue  # an empty regex/dir from a script means "default"
+        values[field_name] = parser(var, raw)
+    return values
+
+
+def env_is_active(environ: Mapping[str, str] | None = None) -> bool:
+    """The fork's rule: quantization is on when any OPENPI_DUQUANT_* variable other than PACKDIR is set."""
+    environ = os.environ if environ is None else environ
+    return any(k.startswith(ENV_PREFIX) and k != ENV_PREFIX + "PACKDIR" for k in environ)
+
+
+# ---- CLI flags (each has its environment twin) -----------------------------------------------------------------
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("quantization (each flag overrides its OPENPI_DUQUANT_* twin)")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="part of pi0 to quantize [PRESET]")
+    g.add_argument("--method", choices=METHODS, help="duquant (default) | smoothquant | hadamard | rtn [METHOD]")
+    g.add_argument("--scope", help="module-name prefix [SCOPE]")
+    g.add_argument("--include", help="regex a layer name must match (re.search) [INCLUDE]")
+    g.add_argument("--exclude", help="regex that removes layers (re.search) [EXCLUDE]")
+    g.add_argument("--layers", type=lambda s: parse_layer_list("--layers", s),
+                   help="explicit comma-separated layer names [LAYERS]")
+    g.add_argument("--wbits", type=int, help="weight bits 2|3|4|8 (default 4) [WBITS_DEFAULT]")
+    g.add_argument("--wbits-overrides", type=lambda s: parse_wbits_overrides("--wbits-overrides", s),
+                   help="per-layer bits 'name:bits,re:<regex>:bits' [WBITS]")
+    g.add_argument("--abits", type=int, help="activation bits 8|4, 0/16 = float (default 8) [ABITS]")
+    g.add_argument("--block-size", type=int, help="rotation block size (default 128) [BLOCK]")
+    g.add_argument("--block-out", type=int, help="output block size for --row-rot restore [BLOCK_OUT]")
+    g.add_argument("--permute", type=lambda s: _bool("--permute", s), help="zigzag permutation 1|0 [PERMUTE]")
+    g.add_argument("--row-rot", choices=ROW_ROT_VALUES, help="output-side rotation [ROW_ROT]")
+    g.add_argument("--alpha", type=float, help="smoothing strength (default 0.6) [LS]")
+    g.add_argument("--act-pct", type=float, help="activation clipping percentile [ACT_PCT]")
+    g.add_argument("--act-clip", type=float, help="per-token activation clip ratio (default 0.9 at <=4 bits, "
+                   "1.0 at 8) [ACT_CLIP]")
+    g.add_argument("--w-clip", type=float, help="per-channel weight clip ratio (default 0.8 at <=4 bits, 1.0 at 8) "
+                   "[W_CLIP]")
+    g.add_argument("--clip-search", action="store_const", const=True, help="search weight clips [CLIP_SEARCH]")
+    g.add_argument("--act-static", action="store_const", const=True, help="static per-tensor act scale [ACT_STATIC]")
+    g.add_argument("--rotation-steps", type=int, help="greedy rotation steps (default 256) [STEPS]")
+    g.add_argument("--calib-steps", type=int, help="calibration batches (default 32) [CALIB_STEPS]")
+    g.add_argument("--seed", type=int, help="seed of the random rotations [SEED]")
+    g.add_argument("--packdir", help="pack directory [PACKDIR]")
+    g.add_argument("--backend", choices=BACKENDS, help="fake | gpu [BACKEND]")
+    g.add_argument("--include-action-head", action="store_const", const=True, help="[INCLUDE_ACTION_HEAD]")
+    g.add_argument("--debug", action="store_const", const=True, help="selection summary [DEBUG]")
+    g.add_argument("--dryrun", action="store_const", const=True, help="list layers, change nothing [DRYRUN]")
+
+
+_ARG_TO_FIELD = {"block_size": "block_size", "rotation_steps": "rotation_steps", "wbits_overrides": "wbits_overrides"}
+
+
+def from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> DuQuantConfig:
+    """CLI flags over environment over defaults."""
+    fields = {f.name for f in dataclasses.fields(DuQuantConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    return DuQuantConfig.from_env(environ, **overrides)
+
+
+def describe_env() -> list[tuple[str, str, str]]:
+    """(variable, field, meaning) rows for docs and --help."""
+    return [(ENV_PREFIX + k, f or "(ignored)", d) for k, (f, _, d) in ENV_VARS.items()]
+
+
+__all__ = ["DuQuantConfig", "ConfigError", "Preset", "PRESETS", "PART_SCOPES", "DEFAULT_INCLUDE", "default_exclude",
+           "parse_env", "env_is_active", "add_cli_args", "from_args", "describe_env"]

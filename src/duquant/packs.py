@@ -1,0 +1,171 @@
+"""Pack files: one safetensors file per quantized layer, so later runs skip calibration and the transform.
+
+``<packdir>/<layer name>.safetensors`` holds the layer's transform (smoothing vector, rotations, permutation), its
+quantized weight (packed int4 or int8 codes, scales, zero points) and its bias. The safetensors metadata holds one
+JSON string under ``"duquant"``:
+
+    {"format_version": 1, "duquant_version": "...", "layer": name, "shape": [out, in], "config_hash": ...,
+     "config": {...}, "weight_fingerprint": ..., "group": [names sharing the transform], "group_fingerprint": ...,
+     "transform_kind": "duquant", "calibrated": true, "act_clip": 0.9, "checksums": {tensor: sha256}}
+
+``<packdir>/manifest.json`` indexes the directory (layer -> file, hashes). Both are written atomically (temp file in
+the same directory, fsync, ``os.replace``), so an interrupted run leaves no half-written pack. A pack whose config,
+shape or weights differ is *stale* (recomputed, with a message); a pack that fails to parse or whose checksums do not
+match is *corrupt* (an error that names the file; never half-loaded).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+META_KEY = "duquant"
+
+
+class PackError(RuntimeError):
+    """A pack file is corrupt or unreadable; the message names the file and the fix."""
+
+
+def sanitize(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def tensor_checksum(t: torch.Tensor) -> str:
+    t = t.detach().contiguous().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return hashlib.sha256(t.numpy().tobytes()).hexdigest()[:32]
+
+
+def weight_fingerprint(weight: torch.Tensor, bias: torch.Tensor | None = None) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for t in (weight, bias):
+        if t is None:
+            continue
+        t = t.detach().contiguous().cpu()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes())
+    return h.hexdigest()
+
+
+def group_fingerprint(fingerprints: list[str]) -> str:
+    return hashlib.blake2b("|".join(fingerprints).encode(), digest_size=16).hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass
+class Pack:
+    meta: dict
+    tensors: dict[str, torch.Tensor]
+
+
+class PackStore:
+    """A directory of per-layer packs."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.hits = 0
+        self.misses = 0
+        self.stale: list[tuple[str, str]] = []
+
+    def path(self, name: str) -> Path:
+        return self.root / f"{sanitize(name)}.safetensors"
+
+    def save(self, name: str, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        meta = {**meta, "format_version": FORMAT_VERSION, "layer": name,
+                "checksums": {k: tensor_checksum(v) for k, v in tensors.items()}}
+        path = self.path(name)
+        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta, sort_keys=True)}))
+        return path
+
+    def read_meta(self, name: str) -> dict | None:
+        """The header only (no tensor data read). None when there is no pack; PackError when unreadable."""
+        path = self.path(name)
+        if not path.exists():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = (f.metadata() or {}).get(META_KEY)
+        except Exception as err:  # safetensors raises its own error types for bad headers
+            raise PackError(f"pack {path} is corrupt or truncated ({err}); delete it (or the whole PACKDIR) "
+                            "and rerun to recompute it") from err
+        if raw is None:
+            raise PackError(f"{path} is not a duquant pack (no '{META_KEY}' metadata); remove it from PACKDIR")
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise PackError(f"pack {path} has unreadable metadata ({err}); delete it and rerun") from err
+
+    def check(self, name: str, *, config_hash: str, shape: tuple[int, int], fingerprint: str) -> tuple[dict | None, str]:
+        """(meta, "") when the pack is usable; (None, reason) when absent or stale."""
+        meta = self.read_meta(name)
+        if meta is None:
+            return None, "no pack"
+        if meta.get("format_version") != FORMAT_VERSION:
+            return None, f"pack format {meta.get('format_version')} != {FORMAT_VERSION}"
+        if meta.get("config_hash") != config_hash:
+            return None, "config changed"
+        if tuple(meta.get("shape", ())) != tuple(shape):
+            return None, f"shape {meta.get('shape')} != {list(shape)}"
+        if meta.get("weight_fingerprint") != fingerprint:
+            return None, "weights changed"
+        return meta, ""
+
+    def load(self, name: str) -> Pack:
+        """All tensors of a pack, verified against the checksums in its header."""
+        path = self.path(name)
+        meta = self.read_meta(name)
+        if meta is None:
+            raise PackError(f"no pack for {name} at {path}")
+        try:
+            tensors = load_file(str(path))
+        except Exception as err:
+            raise PackError(f"pack {path} is corrupt or truncated ({err}); delete it and rerun") from err
+        expected = meta.get("checksums", {})
+        if set(expected) != set(tensors):
+            raise PackError(f"pack {path} is corrupt: tensors {sorted(tensors)} != {sorted(expected)}; delete it")
+        for key, t in tensors.items():
+            if tensor_checksum(t) != expected[key]:
+                raise PackError(f"pack {path} is corrupt: checksum mismatch in {key!r}; delete it and rerun")
+        return Pack(meta, tensors)
+
+    def write_manifest(self, entries: dict[str, dict]) -> None:
+        path = self.root / "manifest.json"
+        old = {}
+        if path.exists():
+            try:
+                old = json.loads(path.read_text()).get("layers", {})
+            except (json.JSONDecodeError, OSError):
+                old = {}
+        old.update(entries)
+        doc = {"format_version": FORMAT_VERSION, "layers": dict(sorted(old.items()))}
+
+        def write(tmp: str) -> None:
+            Path(tmp).write_text(json.dumps(doc, indent=2, sort_keys=True))
+
+        _atomic_write(path, write)

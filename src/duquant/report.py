@@ -1,0 +1,433 @@
+"""`duquant report`: what W4A8 costs a policy, per part and per method, in one command.
+
+For every bits setting x part x method the float model is quantized in place (one shared calibration run), its
+outputs are compared with the float outputs on held-out inputs (the flow-matching noise is fixed, so the comparison
+is exact), every quantized layer's output error is measured on held-out activations, the modules are put back, and
+the next run starts from the same float model. Results: a terminal table, ``report.json`` (schema in
+docs/report.md), ``report.md`` and ``report.png``.
+
+``report_model(model, make_inputs, forward)`` runs the same measurements on any nn.Module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from duquant import __version__
+from duquant.api import quantize
+from duquant.calibration import ActivationRecorder, CalibrationResult, calibrate
+from duquant.config import PRESETS, DuQuantConfig
+from duquant.selection import select_layers
+
+SCHEMA_VERSION = 1
+METHODS = ("rtn", "smoothquant", "hadamard", "duquant")
+PARTS = ("llm", "dit", "vision", "full")
+
+
+def parse_bits(text: str) -> list[tuple[int, int]]:
+    """'w4a8,w8a8' -> [(4, 8), (8, 8)]; 'w4a16' keeps activations in float."""
+    out = []
+    for item in text.lower().replace(" ", "").split(","):
+        if not item:
+            continue
+        if not (item.startswith("w") and "a" in item):
+            raise ValueError(f"bad --bits entry {item!r}; write e.g. w4a8,w4a4,w8a8")
+        w, a = item[1:].split("a", 1)
+        try:
+            out.append((int(w), int(a)))
+        except ValueError:
+            raise ValueError(f"bad --bits entry {item!r}; write e.g. w4a8,w4a4,w8a8") from None
+    if not out:
+        raise ValueError("--bits is empty; write e.g. w4a8")
+    return out
+
+
+@dataclass
+class Target:
+    """One model part to quantize: a label and the selection fields it sets."""
+
+    name: str
+    scope: str = ""
+    include: str | None = None
+    preset: str | None = None
+
+
+def _linear_bytes(module: nn.Linear, bytes_per_param: int = 2) -> int:
+    n = module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
+    return n * bytes_per_param
+
+
+def _param_bytes(model: nn.Module, bytes_per_param: int = 2) -> int:
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n * bytes_per_param
+
+
+def layer_errors(quant_model: nn.Module, originals: dict[str, nn.Module], samples: dict[str, torch.Tensor]
+                 ) -> dict[str, float]:
+    """Relative output error ||q(x) - f(x)||^2 / ||f(x)||^2 of each quantized layer on held-out inputs."""
+    errs = {}
+    with torch.no_grad():
+        for name, float_layer in originals.items():
+            x = samples.get(name)
+            if x is None:
+                continue
+            q_layer = quant_model.get_submodule(name)
+            dev = float_layer.weight.device
+            xf = x.to(dev, float_layer.weight.dtype)
+            ref = float_layer(xf).float()
+            out = q_layer(xf).float()
+            errs[name] = float((out - ref).pow(2).sum() / ref.pow(2).sum().clamp(min=1e-30))
+    return errs
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+
+
+def run_rows(model: nn.Module, *, targets: Sequence[Target], methods: Sequence[str], bits: Sequence[tuple[int, int]],
+             calibrate_fn: Callable[[nn.Module], None], eval_inputs: list, forward: Callable[[nn.Module, Any, int], Any],
+             base: DuQuantConfig | None = None, progress: bool = True, packdir: str | None = None,
+             layer_tokens: int = 256) -> tuple[list[dict], dict]:
+    """The measurement loop shared by the pi0 report and report_model."""
+    from tqdm.auto import tqdm
+
+    base = base or DuQuantConfig()
+    model.eval()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        refs = [forward(model, x, i).float().cpu() for i, x in enumerate(eval_inputs)]
+
+    configs = {}
+    union: dict[str, nn.Linear] = {}
+    for t in targets:
+        cfg = base.replace(preset=t.preset, scope=t.scope, include=t.include or base.include)
+        sel = select_layers(model, cfg)
+        configs[t.name] = cfg
+        union.update(sel.modules)
+    union = {n: union[n] for n, _ in model.named_modules() if n in union}
+    calib: CalibrationResult = calibrate(model, union, calibrate_fn, max_tokens=base.calib_tokens, seed=base.seed)
+    with ActivationRecorder(union, max_tokens=layer_tokens, seed=base.seed + 99) as rec, torch.no_grad():
+        for i, x in enumerate(eval_inputs):
+            forward(model, x, i)
+    held_out = {n: s.sample for n, s in rec.stats.items() if s.sample is not None}
+    setup_seconds = time.perf_counter() - t0
+
+    rows = []
+    runs = [(b, t, m) for b in bits for t in targets for m in methods]
+    bar = tqdm(runs, desc="report", disable=not progress)
+    for (wbits, abits), target, method in bar:
+        bar.set_postfix_str(f"w{wbits}a{abits} {target.name} {method}")
+        cfg = configs[target.name].replace(method=method, wbits=wbits, abits=abits, packdir=None)
+        if packdir:
+            cfg = cfg.replace(packdir=str(Path(packdir) / f"{target.name}-{method}-w{wbits}a{abits}"))
+        sel = select_layers(model, cfg)
+        originals = dict(sel.modules)
+        try:
+            rep = quantize(model, cfg, calibration=calib, progress=False, verbose=False)
+            with torch.no_grad():
+                outs = [forward(model, x, i).float().cpu() for i, x in enumerate(eval_inputs)]
+            lerr = layer_errors(model, originals, held_out)
+        finally:
+            for name, module in originals.items():
+                _set_module(model, name, module)
+        pred, ref = torch.cat([o.flatten(1) for o in outs]), torch.cat([r.flatten(1) for r in refs])
+        rel_mse = float((pred.double() - ref.double()).pow(2).mean() / ref.double().pow(2).mean().clamp(min=1e-30))
+        worst = sorted(lerr.items(), key=lambda kv: -kv[1])[:10]
+        before = sum(_linear_bytes(m) for m in originals.values())
+        after = rep.bytes_after
+        rows.append({
+            "part": target.name, "method": method, "bits": f"w{wbits}a{abits if abits not in (0, 16) else 16}",
+            "wbits": wbits, "abits": abits, "num_layers": len(rep.layers),
+            "action_rel_mse": rel_mse, "action_max_abs": float((pred - ref).abs().max()),
+            "layer_rel_err_mean": float(sum(lerr.values()) / max(1, len(lerr))),
+            "layer_rel_err_max": float(max(lerr.values(), default=0.0)),
+            "worst_layers": [{"name": n, "rel_err": e} for n, e in worst],
+            "weight_bytes_before": before, "weight_bytes_after": after,
+            "calib_seconds": calib.seconds, "quant_seconds": rep.quantization_seconds,
+            "packs_reused": rep.pack_hits, "packs_computed": rep.pack_misses,
+            "transform_kinds": sorted({r.transform_kind for r in rep.layers}),
+        })
+    return rows, {"setup_seconds": setup_seconds, "calibration_seconds": calib.seconds,
+                  "calibrated_layers": len(union), "eval_batches": len(eval_inputs)}
+
+
+def report_model(model: nn.Module, make_inputs: Callable[[int], Any], forward: Callable[[nn.Module, Any], Any], *,
+                 targets: Sequence[Target] | None = None, methods: Sequence[str] = METHODS,
+                 bits: Sequence[tuple[int, int]] = ((4, 8),), calib_batches: int = 8, eval_batches: int = 4,
+                 base: DuQuantConfig | None = None, progress: bool = False) -> dict:
+    """Layer-error and output-error report for any nn.Module built from nn.Linear.
+
+    `make_inputs(i)` returns the i-th batch (calibration uses 0..calib_batches-1, evaluation the next ones);
+    `forward(model, inputs)` returns the output tensor to compare. Returns {"rows": [...], ...} as in report.json.
+    """
+    calib_inputs = [make_inputs(i) for i in range(calib_batches)]
+    eval_inputs = [make_inputs(calib_batches + i) for i in range(max(1, eval_batches))]
+
+    def calibrate_fn(m: nn.Module) -> None:
+        with torch.no_grad():
+            for x in calib_inputs:
+                forward(m, x)
+
+    rows, info = run_rows(model, targets=targets or [Target("all")], methods=methods, bits=bits,
+                          calibrate_fn=calibrate_fn, eval_inputs=eval_inputs,
+                          forward=lambda m, x, i: _as_tensor(forward(m, x)), base=base, progress=progress)
+    bytes_total = _param_bytes(model)
+    for r in rows:
+        r["model_bytes_before"] = bytes_total
+        r["model_bytes_after"] = bytes_total - r["weight_bytes_before"] + r["weight_bytes_after"]
+    return {"schema_version": SCHEMA_VERSION, "rows": rows, **info}
+
+
+def _as_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    for attr in ("logits", "last_hidden_state"):
+        if hasattr(out, attr):
+            return getattr(out, attr)
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError("forward(model, inputs) must return a tensor (or an object with .logits / .last_hidden_state)")
+
+
+# ---- full-size memory (computed from shapes on the meta device) -------------------------------------------------
+
+def full_size_memory(config_name: str, wbits: int = 4, group_size: int | None = None) -> list[dict]:
+    """Weight bytes of each part of the full-size model at bf16 and after W{wbits} packing, from shapes alone."""
+    from duquant.workflows import load_model
+
+    model = load_model(config_name, device="meta")
+    total = _param_bytes(model)
+    rows = []
+    for part in PARTS:
+        cfg = DuQuantConfig(wbits=wbits).with_preset(part)
+        sel = select_layers(model, cfg)
+        before = sum(_linear_bytes(m) for m in sel.modules.values())
+        after = 0
+        for m in sel.modules.values():
+            groups = 1 if group_size is None else -(-m.in_features // group_size)
+            codes = m.out_features * (-(-m.in_features * wbits // 8))
+            after += codes + m.out_features * groups * 8 + (m.bias.numel() * 2 if m.bias is not None else 0)
+        rows.append({"config": config_name, "part": part, "bits": f"w{wbits}", "layers": len(sel),
+                     "weight_bytes_before": before, "weight_bytes_after": after, "model_bytes_before": total,
+                     "model_bytes_after": total - before + after,
+                     "model_saving": (before - after) / total})
+    return rows
+
+
+# ---- the pi0 report -----------------------------------------------------------------------------------------------
+
+def add_report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="duquant_report", help="output directory (report.json, report.md, report.png)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts of {list(PARTS)}")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated methods of {list(METHODS)}")
+    p.add_argument("--bits", default="w4a8", help="comma-separated settings, e.g. w4a8,w4a4,w8a8 (default w4a8)")
+    p.add_argument("--calib", help="calibration observations (.safetensors/.npz; see docs/report.md)")
+    p.add_argument("--eval-obs", help="held-out observations for the action error (default: synthetic)")
+    p.add_argument("--calib-batches", type=int, default=8)
+    p.add_argument("--eval-batches", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--block-size", type=int, default=None, help="rotation block size (default 128)")
+    p.add_argument("--rotation-steps", type=int, default=None, help="greedy rotation steps (default 256)")
+    p.add_argument("--packdir", help="reuse/write packs under this directory (one sub-directory per run)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--seed", type=int, default=0, help="seed of the built-in model and the synthetic data")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_report_cli(args) -> int:
+    from duquant import workflows as wf
+
+    t_start = time.perf_counter()
+    parts = [s for s in args.parts.split(",") if s]
+    for part in parts:
+        if part not in PRESETS:
+            raise ValueError(f"unknown part {part!r}; choose from {sorted(PRESETS)}")
+    methods = [s for s in args.methods.split(",") if s]
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {list(METHODS)}")
+    bits = parse_bits(args.bits)
+    config_name = args.config or (None if args.checkpoint else args.default_config)
+    dtype = wf.parse_dtype(args.dtype)
+    model = wf.load_model(config_name, args.checkpoint, device=args.device, dtype=dtype, seed=args.seed)
+    if args.calib:
+        calib_obs = wf.load_calibration_file(args.calib, args.batch_size)[: args.calib_batches]
+    else:
+        calib_obs = wf.synthetic_observations(model, args.calib_batches, args.batch_size, seed=args.seed + 1)
+    if args.eval_obs:
+        eval_obs = wf.load_calibration_file(args.eval_obs, args.batch_size)[: args.eval_batches]
+    else:
+        eval_obs = wf.synthetic_observations(model, args.eval_batches, args.batch_size, seed=args.seed + 50_000)
+
+    base_kwargs = {}
+    if args.block_size:
+        base_kwargs["block_size"] = args.block_size
+    if args.rotation_steps is not None:
+        base_kwargs["rotation_steps"] = args.rotation_steps
+    base = DuQuantConfig(**base_kwargs)
+
+    def forward(m: nn.Module, obs, i: int) -> torch.Tensor:
+        device = next(m.parameters()).device
+        obs = obs.to(device)
+        noise = wf.fixed_noise(m, obs.batch_size, 4321 + i, device=device)
+        return m.sample_actions(obs, noise=noise)
+
+    targets = [Target(p, preset=p, scope=PRESETS[p].scope, include=PRESETS[p].include) for p in parts]
+    rows, info = run_rows(model, targets=targets, methods=methods, bits=bits,
+                          calibrate_fn=wf.calibration_fn(calib_obs, progress=not args.quiet),
+                          eval_inputs=eval_obs, forward=forward, base=base, progress=not args.quiet,
+                          packdir=args.packdir)
+    model_bytes = _param_bytes(model)
+    for r in rows:
+        r["model_bytes_before"] = model_bytes
+        r["model_bytes_after"] = model_bytes - r["weight_bytes_before"] + r["weight_bytes_after"]
+    full_name = (config_name or "pi0").replace("-tiny", "")
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "duquant_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"config": config_name, "checkpoint": args.checkpoint, "dtype": args.dtype, "device": args.device,
+                  "param_bytes_bf16": model_bytes},
+        "data": {"calibration": args.calib or f"synthetic, seed {args.seed + 1}",
+                 "evaluation": args.eval_obs or f"synthetic, seed {args.seed + 50_000}",
+                 "calib_batches": len(calib_obs), "eval_batches": len(eval_obs), "batch_size": args.batch_size},
+        "settings": base.to_dict(),
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "machine": platform.machine()},
+        "rows": rows,
+        "full_size_memory": full_size_memory(full_name, wbits=4) if full_name in ("pi0", "pi05") else [],
+        "timing": {**info, "total_seconds": None},
+    }
+    doc["timing"]["total_seconds"] = round(time.perf_counter() - t_start, 2)
+    write_report(doc, Path(args.out), plot=not args.no_plot)
+    print_table(doc)
+    print(f"wrote {Path(args.out) / 'report.json'}, report.md" + ("" if args.no_plot else ", report.png"))
+    return 0
+
+
+# ---- output -------------------------------------------------------------------------------------------------------
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f}"
+
+
+def to_markdown(doc: dict) -> str:
+    lines = [f"# duquant report ({doc['model']['config'] or doc['model']['checkpoint']})", "",
+             f"Created {doc['created']} with duquant {doc['duquant_version']}, torch {doc['environment']['torch']}. "
+             f"Calibration: {doc['data']['calibration']}; evaluation: {doc['data']['evaluation']} "
+             f"({doc['data']['eval_batches']} batches of {doc['data']['batch_size']}). The flow-matching noise is "
+             "fixed, so the action error is the quantization's alone.", "",
+             "| part | method | bits | layers | action rel. MSE | action max abs | layer err mean | layer err max "
+             "| weights MiB (bf16 → quant) | model MiB (bf16 → quant) | quant s | packs reused |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    best = {}
+    for r in doc["rows"]:
+        key = (r["part"], r["bits"])
+        if key not in best or r["action_rel_mse"] < best[key]["action_rel_mse"]:
+            best[key] = r
+    for r in doc["rows"]:
+        mark = "**" if best[(r["part"], r["bits"])] is r else ""
+        lines.append(
+            f"| {r['part']} | {mark}{r['method']}{mark} | {r['bits']} | {r['num_layers']} | "
+            f"{mark}{r['action_rel_mse']:.3e}{mark} | {r['action_max_abs']:.3e} | {r['layer_rel_err_mean']:.3e} | "
+            f"{r['layer_rel_err_max']:.3e} | {_mib(r['weight_bytes_before'])} → {_mib(r['weight_bytes_after'])} | "
+            f"{_mib(r['model_bytes_before'])} → {_mib(r['model_bytes_after'])} | {r['quant_seconds']:.2f} | "
+            f"{r['packs_reused']} |")
+    if doc.get("full_size_memory"):
+        lines += ["", "## Weight memory at full size (computed from shapes, bf16 → packed 4-bit + scales)", "",
+                  "| config | part | layers | weights GiB | model GiB | model saving |", "|---|---|---:|---:|---:|---:|"]
+        for r in doc["full_size_memory"]:
+            lines.append(f"| {r['config']} | {r['part']} | {r['layers']} | {r['weight_bytes_before'] / 2**30:.2f} → "
+                         f"{r['weight_bytes_after'] / 2**30:.2f} | {r['model_bytes_before'] / 2**30:.2f} → "
+                         f"{r['model_bytes_after'] / 2**30:.2f} | {100 * r['model_saving']:.1f}% |")
+    lines += ["", "## Worst layers (relative output error on held-out activations)", ""]
+    for r in doc["rows"]:
+        if r["method"] != "duquant":
+            continue
+        lines.append(f"**{r['part']} / duquant / {r['bits']}**: " + ", ".join(
+            f"`{w['name']}` {w['rel_err']:.2e}" for w in r["worst_layers"][:10]))
+        lines.append("")
+    t = doc["timing"]
+    lines += [f"Total {t['total_seconds']} s (shared calibration {t['calibration_seconds']:.2f} s over "
+              f"{t['calibrated_layers']} layers)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_action_error(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = doc["rows"]
+    bits_list = sorted({r["bits"] for r in rows})
+    parts = list(dict.fromkeys(r["part"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, len(bits_list), figsize=(4 + 3 * len(parts), 4), squeeze=False)
+    width = 0.8 / max(1, len(methods))
+    for ax, bits in zip(axes[0], bits_list):
+        for j, method in enumerate(methods):
+            vals = []
+            for part in parts:
+                match = [r for r in rows if r["bits"] == bits and r["part"] == part and r["method"] == method]
+                vals.append(match[0]["action_rel_mse"] if match else float("nan"))
+            xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(parts))]
+            ax.bar(xs, vals, width, label=method)
+        ax.set_xticks(range(len(parts)), parts)
+        ax.set_yscale("log")
+        ax.set_ylabel("action relative MSE vs float")
+        ax.set_title(f"{doc['model']['config'] or 'checkpoint'} {bits.upper()}")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(doc: dict, out: Path, plot: bool = True) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_text(out / "report.json", json.dumps(doc, indent=2))
+    _atomic_text(out / "report.md", to_markdown(doc))
+    if plot:
+        plot_action_error(doc, out / "report.png")
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def print_table(doc: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"duquant report: {doc['model']['config'] or doc['model']['checkpoint']}")
+    for col in ("part", "method", "bits", "layers", "action rel MSE", "max abs", "layer err", "weights MiB",
+                "model MiB", "quant s"):
+        table.add_column(col, justify="right" if col not in ("part", "method", "bits") else "left")
+    for r in doc["rows"]:
+        table.add_row(r["part"], r["method"], r["bits"], str(r["num_layers"]), f"{r['action_rel_mse']:.3e}",
+                      f"{r['action_max_abs']:.3e}", f"{r['layer_rel_err_mean']:.2e}",
+                      f"{_mib(r['weight_bytes_before'])}→{_mib(r['weight_bytes_after'])}",
+                      f"{_mib(r['model_bytes_before'])}→{_mib(r['model_bytes_after'])}", f"{r['quant_seconds']:.2f}")
+    Console().print(table)
+
