@@ -132,6 +132,9 @@ def quantize(model: nn.Module, config: DuQuantConfig | None = None,
         if not ok:
             raise RuntimeError(f"OPENPI_DUQUANT_BACKEND=gpu cannot run here: {why}. Use --backend fake.")
 
+    if config.row_rot == "propagate" and verbose:
+        _log("[duquant] ROW_ROT=propagate is run as 'restore': leaving outputs in a rotated basis would change "
+             "the model's function")
     store = PackStore(config.packdir) if config.packdir else None
     fingerprints = {n: weight_fingerprint(m.weight, m.bias) for n, m in selection.modules.items()}
 
