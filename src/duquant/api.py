@@ -277,6 +277,7 @@ def quantize_group(names: list[str], modules: dict[str, nn.Linear], stats: Layer
                        "wbits": bits, "w_symmetric": config.w_symmetric, "w_group_size": config.w_group_size,
                        "abits": config.abits, "act_symmetric": config.act_symmetric, "method": config.method,
                        "block_size": config.block_size, "in_features": module.in_features,
+                       "shape": [module.out_features, module.in_features],
                        "out_features": module.out_features}
     return layers, metas
 

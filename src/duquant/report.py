@@ -58,7 +58,7 @@ class Target:
     """One model part to quantize: a label and the selection fields it sets."""
 
     name: str
-    scope: str = ""
+    scope: str | None = None  # None: the base config's
     include: str | None = None
     preset: str | None = None
 
@@ -116,7 +116,8 @@ def run_rows(model: nn.Module, *, targets: Sequence[Target], methods: Sequence[s
     configs = {}
     union: dict[str, nn.Linear] = {}
     for t in targets:
-        cfg = base.replace(preset=t.preset, scope=t.scope, include=t.include or base.include)
+        cfg = base.replace(preset=t.preset, scope=base.scope if t.scope is None else t.scope,
+                           include=t.include or base.include)
         sel = select_layers(model, cfg)
         configs[t.name] = cfg
         union.update(sel.modules)
