@@ -1,0 +1,94 @@
+"""SigLIP vision encoder (So400m/14 at full size) with the module names of transformers' SiglipVisionModel, which
+openpi's PyTorch PaliGemma uses: `vision_tower.vision_model.{embeddings, encoder.layers.N, post_layernorm}`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from duquant.models.config import SiglipConfig
+
+
+class SiglipEmbeddings(nn.Module):
+    def __init__(self, cfg: SiglipConfig):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.position_embedding = nn.Embedding(cfg.num_patches, cfg.width)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (B, W, 16, 16)
+        x = x.flatten(2).transpose(1, 2)  # (B, 256, W)
+        return x + self.position_embedding.weight[None]
+
+
+class SiglipAttention(nn.Module):
+    def __init__(self, cfg: SiglipConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.q_proj = nn.Linear(cfg.width, cfg.width)
+        self.k_proj = nn.Linear(cfg.width, cfg.width)
+        self.v_proj = nn.Linear(cfg.width, cfg.width)
+        self.out_proj = nn.Linear(cfg.width, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (p(x).view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SiglipMLP(nn.Module):
+    def __init__(self, cfg: SiglipConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp_dim)
+        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SiglipEncoderLayer(nn.Module):
+    def __init__(self, cfg: SiglipConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.self_attn = SiglipAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.mlp = SiglipMLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class SiglipEncoder(nn.Module):
+    def __init__(self, cfg: SiglipConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(SiglipEncoderLayer(cfg) for _ in range(cfg.depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class SiglipVisionTransformer(nn.Module):
+    def __init__(self, cfg: SiglipConfig):
+        super().__init__()
+        self.embeddings = SiglipEmbeddings(cfg)
+        self.encoder = SiglipEncoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.post_layernorm(self.encoder(self.embeddings(pixels)))
+
+
+class SiglipVisionModel(nn.Module):
+    def __init__(self, cfg: SiglipConfig):
+        super().__init__()
+        self.vision_model = SiglipVisionTransformer(cfg)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (B, 3, 224, 224) in [-1, 1] -> (B, 256, width)."""
+        return self.vision_model(pixels)
