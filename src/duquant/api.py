@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from duquant import __version__
-from duquant.calibration import CalibrationResult, LayerStats, calibrate as run_calibration
+from duquant.calibration import CalibrationResult, LayerStats
+from duquant.calibration import calibrate as run_calibration
 from duquant.config import DuQuantConfig, env_is_active
 from duquant.layers import DuQuantLinear, rotate_rows
 from duquant.packs import PackStore, group_fingerprint, weight_fingerprint

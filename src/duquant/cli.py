@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("layers", help="list the layers a config selects (dry run); ends with 'Matched Linear layers: N'")
+    p = sub.add_parser("layers", help="list the layers a config selects (dry run); "
+                                      "ends with 'Matched Linear layers: N'")
     _add_model_args(p)
     add_cli_args(p)
     p.set_defaults(func=cmd_layers)

@@ -121,7 +121,8 @@ class PackStore:
         except json.JSONDecodeError as err:
             raise PackError(f"pack {path} has unreadable metadata ({err}); delete it and rerun") from err
 
-    def check(self, name: str, *, config_hash: str, shape: tuple[int, int], fingerprint: str) -> tuple[dict | None, str]:
+    def check(self, name: str, *, config_hash: str, shape: tuple[int, int],
+              fingerprint: str) -> tuple[dict | None, str]:
         """(meta, "") when the pack is usable; (None, reason) when absent or stale."""
         meta = self.read_meta(name)
         if meta is None:

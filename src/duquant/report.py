@@ -100,8 +100,9 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
 
 
-def run_rows(model: nn.Module, *, targets: Sequence[Target], methods: Sequence[str], bits: Sequence[tuple[int, int]],
-             calibrate_fn: Callable[[nn.Module], None], eval_inputs: list, forward: Callable[[nn.Module, Any, int], Any],
+def run_rows(model: nn.Module, *, targets: Sequence[Target], methods: Sequence[str],
+             bits: Sequence[tuple[int, int]], calibrate_fn: Callable[[nn.Module], None], eval_inputs: list,
+             forward: Callable[[nn.Module, Any, int], Any],
              base: DuQuantConfig | None = None, progress: bool = True, packdir: str | None = None,
              layer_tokens: int = 256) -> tuple[list[dict], dict]:
     """The measurement loop shared by the pi0 report and report_model."""
@@ -354,7 +355,8 @@ def to_markdown(doc: dict) -> str:
             f"{r['packs_reused']} |")
     if doc.get("full_size_memory"):
         lines += ["", "## Weight memory at full size (computed from shapes, bf16 → packed 4-bit + scales)", "",
-                  "| config | part | layers | weights GiB | model GiB | model saving |", "|---|---|---:|---:|---:|---:|"]
+                  "| config | part | layers | weights GiB | model GiB | model saving |",
+                  "|---|---|---:|---:|---:|---:|"]
         for r in doc["full_size_memory"]:
             lines.append(f"| {r['config']} | {r['part']} | {r['layers']} | {r['weight_bytes_before'] / 2**30:.2f} → "
                          f"{r['weight_bytes_after'] / 2**30:.2f} | {r['model_bytes_before'] / 2**30:.2f} → "
