@@ -56,7 +56,8 @@ def build_policy(name: str | PolicyConfig = "pi0-tiny", device: str | torch.devi
     if torch.device(device).type == "meta":
         with torch.device("meta"):
             return PI0Policy(cfg).to(dtype).eval()
-    with torch.random.fork_rng(devices=[]):
+    build_device = device if torch.device(device).type == "cuda" else "cpu"  # full size: initialise on the GPU
+    with torch.random.fork_rng(devices=[]), torch.device(build_device):
         torch.manual_seed(seed)
         model = PI0Policy(cfg)
         _init_weights(model)

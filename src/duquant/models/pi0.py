@@ -103,7 +103,7 @@ class PI0Policy(nn.Module):
 
     # ---- prefix: images + language -----------------------------------------------------------------------------
     def embed_prefix(self, obs: Observation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        embs, pads, atts = [], [], []
+        embs, pads = [], []
         for key in self.config.image_keys:
             if key not in obs.images:
                 continue
@@ -111,23 +111,21 @@ class PI0Policy(nn.Module):
             B, n = img.shape[:2]
             embs.append(img)
             pads.append(obs.image_masks[key][:, None].expand(B, n))
-            atts += [0] * n
         lang = self.paligemma_with_expert.embed_language_tokens(obs.tokenized_prompt)
         embs.append(lang * math.sqrt(lang.shape[-1]))
         pads.append(obs.tokenized_prompt_mask)
-        atts += [0] * lang.shape[1]
         embs_t = torch.cat(embs, dim=1)
-        att = torch.tensor(atts, dtype=torch.bool, device=embs_t.device)[None].expand(embs_t.shape[0], -1)
+        # images + language form one bidirectional block (no new block starts inside the prefix)
+        att = torch.zeros(embs_t.shape[:2], dtype=torch.bool, device=embs_t.device)
         return embs_t, torch.cat(pads, dim=1), att
 
     # ---- suffix: (state) + noisy actions + time ----------------------------------------------------------------------
     def embed_suffix(self, state: torch.Tensor, noisy_actions: torch.Tensor, t: torch.Tensor):
         B, H, _ = noisy_actions.shape
         w = self.config.expert.width
-        embs, atts = [], []
+        embs = []
         if not self.pi05:
             embs.append(self.state_proj(state.to(self.dtype))[:, None])  # (B, 1, w)
-            atts += [1]
         time_emb = sinusoidal_time_embedding(t, w).to(self.dtype)  # (B, w)
         action_emb = self.action_in_proj(noisy_actions.to(self.dtype))  # (B, H, w)
         if self.pi05:
@@ -137,10 +135,13 @@ class PI0Policy(nn.Module):
             x = torch.cat([action_emb, time_emb[:, None].expand(B, H, w)], dim=-1)
             embs.append(self.action_time_mlp_out(F.silu(self.action_time_mlp_in(x))))
             cond = None
-        atts += [1] + [0] * (H - 1)
         embs_t = torch.cat(embs, dim=1)
         pad = torch.ones(B, embs_t.shape[1], dtype=torch.bool, device=embs_t.device)
-        att = torch.tensor(atts, dtype=torch.bool, device=embs_t.device)[None].expand(B, -1)
+        # pi0: the state token is a block of its own; the action tokens start one more block (device ops only,
+        # so the step can be captured in a CUDA graph)
+        att = torch.zeros(B, embs_t.shape[1], dtype=torch.bool, device=embs_t.device)
+        att[:, 0] = True
+        att[:, -H] = True
         return embs_t, pad, att, cond
 
     # ---- inference ---------------------------------------------------------------------------------------------------
