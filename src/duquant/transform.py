@@ -1,123 +1,210 @@
-"""The DuQuant transform as pure math (Lin et al., "DuQuant: Distributing Outliers via Dual Transformation Makes
-Stronger Quantized LLMs", NeurIPS 2024, arXiv 2406.01721), plus the baselines' transforms.
+"""The DuQuant transform as pure math (Lin et al., "DuQuant: Distributing Outliers via Dual Transformation
+Makes Stronger Quantized LLMs", NeurIPS 2024, arXiv 2406.01721), plus the baselines' transforms.
 
-For a linear layer y = x W^T with C input channels the activation side is transformed online and the inverse is
-folded into the weight offline, so before rounding the layer computes the same function:
+For a linear layer y = x W^T with C input channels the activation side is transformed online and the inverse
+is folded into the weight offline, so before rounding the layer computes the same function:
 
     x_t = rot2( perm( rot1( x / s ) ) )          W_t = rot2( perm( rot1( W * s ) ) )   (applied to W's rows)
     x_t W_t^T = x W^T                             (rot1, rot2 block-orthogonal, perm a permutation)
 
 - s: SmoothQuant-style smoothing, s = a^alpha / w^(1-alpha) from the per-channel activation and weight maxima.
-- rot1: block-diagonal rotation built greedily: at each step the channel holding the largest |value| is mixed
-  into every channel of its block by an orthogonal matrix whose first row is uniform (1/sqrt(bs)); the prefix of
-  steps with the smallest max |x| is kept. One matrix is shared by every full block (paper, Remark 2); a narrower
-  last block (C % bs != 0) gets its own.
-- perm: zigzag permutation that deals the channels, largest first, over the blocks in snake order, so every block
-  gets a similar share of the remaining outliers.
+- rot1: block-diagonal rotation built greedily (paper, Sec. 3.1 / Eq. 2): at each step the channel holding the
+  largest |value| is swapped into position 0 and mixed into every channel of the block by an orthogonal matrix
+  whose first row is uniform (1/sqrt(bs)); the prefix of steps with the smallest max |x| is kept. One matrix
+  is shared by every full block (paper, Remark 2); a narrower last block (C % bs != 0) gets its own.
+- perm: zigzag permutation that deals the channels, largest first, over the blocks in snake order, so every
+  block gets a similar share of the remaining outliers.
 - rot2: a second greedy rotation on the permuted activations.
 
 Rotations are stored as [nb, bs, bs] float32; the last block of width r < bs uses the top-left r x r corner of
-its matrix, padded with identity. See docs/algorithm.md for the choices made where the paper and the official code
-differ.
+its matrix, padded with identity. See docs/algorithm.md for the choices made where the paper and the official
+code differ. This module imports only torch and the standard library.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 
-MAX_GREEDY_ROWS = 1024  # rows of the [tokens*blocks, bs] view the greedy search works on (largest norms first)
+# Rows of the [tokens * blocks, bs] view that one greedy search works on (largest row norms first; see
+# _greedy).
+MAX_GREEDY_ROWS = 1024
+SMOOTH_MIN = 1e-2  # the official code's truncation: smoothing scales below 0.01 become 0.01
+
+__all__ = [
+    "LayerTransform",
+    "build_transform",
+    "greedy_block_rotation",
+    "hadamard_block_rotation",
+    "random_orthogonal",
+    "smoothing_scales",
+    "uniform_first_row_rotation",
+    "zigzag_permutation",
+]
 
 
-# ---- building blocks ----------------------------------------------------------------------------------------------
+# ---- building blocks ---------------------------------------------------------------------------------------
 
 def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
-    """s = a^alpha / w^(1-alpha), clamped as the official code does (s >= 0.01)."""
-    a = act_absmax.float().clamp(min=1e-5)
-    w = weight_absmax.float().clamp(min=1e-5)
-    s = (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
-    return torch.where(s < 1e-2, torch.full_like(s, 1e-2), s)
+    """Per-channel smoothing s = a^alpha / w^(1-alpha) (paper Sec. 2 / SmoothQuant), float32 [C].
+
+    a and w are clamped to >= 1e-5 and the result to >= 0.01, as the official code does. The formula is
+    applied literally for every alpha: alpha = 1 gives s = a (activations flattened completely), alpha = 0
+    gives s = 1/w (all difficulty moved onto the activations), which is NOT "no smoothing"; `build_transform`
+    treats alpha <= 0 as smoothing off (s = 1, no vector stored)."""
+    if act_absmax.shape != weight_absmax.shape:
+        raise ValueError(f"act_absmax {tuple(act_absmax.shape)} and weight_absmax "
+                         f"{tuple(weight_absmax.shape)} must both be [C]")
+    a = act_absmax.detach().float().cpu().clamp(min=1e-5)
+    w = weight_absmax.detach().float().cpu().clamp(min=1e-5)
+    s = (a.pow(alpha) / w.pow(1.0 - alpha)).clamp(min=1e-5)
+    s = torch.where(s < SMOOTH_MIN, torch.full_like(s, SMOOTH_MIN), s)
+    # A non-finite statistic (inf/nan from a broken calibration batch) must not poison the transform.
+    return torch.where(torch.isfinite(s), s, torch.ones_like(s))
 
 
 def random_orthogonal(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Haar-random orthogonal n x n matrix (float64): QR of a Gaussian matrix with the signs fixed."""
     q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
     return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
 
 
-def uniform_first_row_rotation(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Orthogonal B (float64) whose row 0 is 1/sqrt(n) everywhere, randomised on the other rows:
-    B = H diag(1, Q') with H the Householder reflection that maps e0 to the uniform unit vector."""
+def _uniform_reflection(n: int) -> torch.Tensor:
+    """Householder reflection H (float64, symmetric, orthogonal) with H e0 = u = (1/sqrt(n), ..., 1/sqrt(n)),
+    so row 0 and column 0 of H are uniform. Plays the role of the paper's R~ (the official code builds its
+    R~ from a chain of Givens rotations; any orthogonal matrix with a uniform first row serves)."""
     u = torch.full((n,), 1.0 / math.sqrt(n), dtype=torch.float64)
     v = -u
     v[0] += 1.0
-    norm = v.dot(v)
     h = torch.eye(n, dtype=torch.float64)
+    norm = v.dot(v)
     if norm > 1e-12:
         h = h - 2.0 * torch.outer(v, v) / norm
-    q = torch.eye(n, dtype=torch.float64)
-    if n > 1:
+    return h
+
+
+def uniform_first_row_rotation(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The greedy step's base matrix B (float64, n x n, orthogonal): B = diag(1, Q') H.
+
+    Row 0 of B is exactly uniform (1/sqrt(n)), so `y @ B` spreads a spike sitting in channel 0 evenly over the
+    block; the other channels are first mixed by the random Q' (QR of an (n-1)x(n-1) Gaussian) and then by H.
+    (The paper writes R~ Q with Q = diag(1, Q') on the right, which keeps row 0 uniform only in norm; putting
+    diag(1, Q') first keeps it exactly uniform, see docs/algorithm.md.)"""
+    b = _uniform_reflection(n)
+    if n > 2:
+        q = torch.eye(n, dtype=torch.float64)
         q[1:, 1:] = random_orthogonal(n - 1, generator)
-    return h @ q
+        b = q @ b
+    return b
+
+
+def _candidate_rows(x: torch.Tensor, width: int, max_rows: int) -> torch.Tensor:
+    """Rows of the [T * nblocks, width] view of x [T, nblocks*width] that can hold the maximum during the
+    greedy search, as float32 [R, width].
+
+    Orthogonal maps keep row norms, and max|Y| >= (largest row norm) / sqrt(width) at every step, so a row
+    whose norm is below that bound can never hold the maximum and does not influence any greedy choice: such
+    rows are dropped exactly. Of the rest at most `max_rows` (largest norms, i.e. the largest values any
+    rotation can produce) are kept, an approximation that matters only when thousands of rows are nearly
+    tied."""
+    t = x.shape[0]
+    view = x.reshape(t, -1, width)  # a view when x is contiguous; norms computed in x's dtype (float32)
+    norms = view.norm(dim=-1).reshape(-1)
+    finite = torch.isfinite(norms)
+    if not bool(finite.all()):
+        norms = torch.where(finite, norms, torch.zeros_like(norms))
+    top = float(norms.max()) if norms.numel() else 0.0
+    if top <= 0.0:
+        return x.new_zeros((0, width), dtype=torch.float32)
+    keep = torch.nonzero(norms >= top / math.sqrt(width) * (1 - 1e-6)).squeeze(1)
+    if keep.numel() > max_rows:
+        keep = keep[norms[keep].topk(max_rows).indices]
+    return view.reshape(-1, width)[keep].float()
 
 
 def _greedy(y: torch.Tensor, steps: int, generator: torch.Generator | None) -> torch.Tensor:
-    """Greedy rotation of the rows of y [rows, n]; returns an n x n float64 orthogonal matrix."""
+    """Greedy rotation of the rows of y [rows, n]; returns an n x n float64 orthogonal matrix.
+
+    Step i: d = the channel (column) holding the largest |value| (paper's rule); y <- y @ (E_d B E_d), E_d the
+    exchange of channels 0 and d, B = `uniform_first_row_rotation` drawn once per search. The product of the
+    first k steps with the smallest max|y| (k = 0 .. steps, k = 0 being the identity) is returned."""
     n = y.shape[1]
-    if n < 2 or steps == 0 or y.numel() == 0:
+    if n < 2 or steps <= 0 or y.shape[0] == 0:
         return torch.eye(n, dtype=torch.float64)
-    y = y.double()
-    y = y[torch.isfinite(y).all(dim=1)]
-    if y.shape[0] == 0:
-        return torch.eye(n, dtype=torch.float64)
-    # Rotations keep row norms, and max|Y| >= max row norm / sqrt(n): rows below that bound can never hold the
-    # maximum, so they do not influence the greedy choice. Keep the largest-norm rows only.
-    norms = y.norm(dim=1)
-    keep = norms >= norms.max() / math.sqrt(n)
-    y = y[keep]
-    if y.shape[0] > MAX_GREEDY_ROWS:
-        y = y[y.norm(dim=1).topk(MAX_GREEDY_ROWS).indices]
     base = uniform_first_row_rotation(n, generator)
+    yf = y.float()  # the greedy choices are made in float32 (fast); the product is accumulated in float64
+    base_f = base.float()
     rot = torch.eye(n, dtype=torch.float64)
-    best, best_rot = float(y.abs().max()), rot.clone()
+    best, best_rot = float(yf.abs().max()), rot
     idx = torch.arange(n)
+    col_max = yf.abs().amax(dim=0)
     for _ in range(steps):
-        channel = int(y.abs().amax(dim=0).argmax())
+        d = int(col_max.argmax())
         perm = idx.clone()
-        perm[0], perm[channel] = channel, 0
-        step = base[perm][:, perm]  # exchange rows/columns 0 and `channel`: mixes that channel into all
-        y = y @ step
-        rot = rot @ step
-        m = float(y.abs().max())
+        perm[0], perm[d] = d, 0
+        yf = yf[:, perm] @ base_f[:, perm]  # == yf @ (E_d B E_d): E_d B E_d = B[perm][:, perm], E_d E_d = I
+        rot = rot[:, perm] @ base[:, perm]
+        col_max = yf.abs().amax(dim=0)
+        m = float(col_max.max())
         if m < best:
-            best, best_rot = m, rot.clone()
+            best, best_rot = m, rot
     return best_rot
 
 
 def greedy_block_rotation(x: torch.Tensor, block_size: int, steps: int = 256,
                           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Block rotation [nb, bs, bs] from activations x [T, C]: shared matrix for full blocks, own for the rest."""
-    t, c = x.shape
+    """DuQuant's greedy block rotation [nb, bs, bs] float32 from activations x [T, C].
+
+    One matrix, built from the statistics of all full blocks together (the [T * C//bs, bs] view, paper Remark
+    2), is shared by every full block; a narrower last block of r = C % bs channels gets its own r x r matrix,
+    stored in the top-left corner of rot[-1] padded with identity. Non-finite tokens are ignored."""
+    if x.dim() != 2:
+        raise ValueError(f"greedy_block_rotation expects x [T, C], got shape {tuple(x.shape)}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    x = x.detach().cpu()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    finite = torch.isfinite(x).all(dim=1)
+    if not bool(finite.all()):
+        x = x[finite]
+    return _greedy_blocks(x, block_size, steps, generator)
+
+
+def _greedy_blocks(x: torch.Tensor, block_size: int, steps: int, generator: torch.Generator | None
+                   ) -> torch.Tensor:
+    """greedy_block_rotation on a finite float32/float64 CPU tensor (no checks)."""
+    c = x.shape[1]
     nb, full, r = -(-c // block_size), c // block_size, c % block_size
     out = torch.eye(block_size, dtype=torch.float64).repeat(nb, 1, 1)
     if full:
-        shared = _greedy(x[:, : full * block_size].reshape(-1, block_size), steps, generator)
-        out[:full] = shared
+        rows = _candidate_rows(x[:, : full * block_size].contiguous(), block_size, MAX_GREEDY_ROWS)
+        out[:full] = _greedy(rows, steps, generator)
     if r >= 2:
-        out[-1, :r, :r] = _greedy(x[:, full * block_size:], steps, generator)
+        rows = _candidate_rows(x[:, full * block_size:].contiguous(), r, MAX_GREEDY_ROWS)
+        out[-1, :r, :r] = _greedy(rows, steps, generator)
     return out.float()
 
 
 def zigzag_permutation(channel_absmax: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Deal channels, largest first, over the blocks in snake order (0..K-1, K-1..0, ...); a full block is skipped.
-    Each block's channels are then sorted largest first. Returns perm with x_new = x[..., perm]."""
+    """Zigzag permutation (paper Sec. 3.2): channels sorted by max |x| (descending) are dealt over the blocks
+    in snake order 0, 1, ..., K-1, K-1, ..., 0, 0, 1, ...; each block then lists its channels largest first.
+    Returns perm (int64 [C]) with x_new = x[..., perm] (new position j holds old channel perm[j]).
+
+    C % bs != 0: the block widths stay as in the layout (K-1 blocks of bs and a last block of C % bs); the
+    deal runs over all K blocks and skips a block once it is full, so the narrow last block simply fills up
+    first."""
     c = channel_absmax.numel()
+    if c == 0:
+        return torch.zeros(0, dtype=torch.long)
     sizes = [block_size] * (c // block_size) + ([c % block_size] if c % block_size else [])
     k = len(sizes)
+    stat = channel_absmax.detach().float().cpu().reshape(-1)
+    stat = torch.where(torch.isnan(stat), torch.full_like(stat, -1.0), stat)
+    order = torch.argsort(stat, descending=True, stable=True).tolist()
     blocks: list[list[int]] = [[] for _ in range(k)]
-    order = torch.argsort(channel_absmax.float(), descending=True, stable=True).tolist()
     cur, direction = 0, 1
     for ch in order:
         while len(blocks[cur]) >= sizes[cur]:
@@ -145,89 +232,156 @@ def _sylvester(n: int) -> torch.Tensor:
     return h / math.sqrt(n)
 
 
-def hadamard_block_rotation(c: int, block_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """QuaRot-style block Hadamard [nb, bs, bs] (normalised Sylvester). A block whose width is not a power of two
-    (a narrow last block, or a non-power-of-two block size) gets a seeded random orthogonal matrix instead."""
-    nb, r = -(-c // block_size), c % block_size
+def hadamard_block_rotation(c: int, block_size: int, generator: torch.Generator | None = None
+                            ) -> torch.Tensor:
+    """QuaRot-style block Hadamard [nb, bs, bs] float32 (normalised Sylvester, H H^T = I).
+
+    A block whose width is not a power of two (a narrow last block such as SigLIP's 4304 = 33*128 + 80, or a
+    non-power-of-two block size) gets a seeded Haar-random orthogonal matrix instead (from `generator`)."""
+    nb, full, r = -(-c // block_size), c // block_size, c % block_size
     out = torch.eye(block_size, dtype=torch.float64).repeat(nb, 1, 1)
 
     def block(n: int) -> torch.Tensor:
         return _sylvester(n) if n & (n - 1) == 0 else random_orthogonal(n, generator)
 
-    full = c // block_size
     if full:
         out[:full] = block(block_size)
     if r:
-        out[-1, :r, :r] = block(r) if r > 1 else torch.ones(1, 1, dtype=torch.float64)
+        out[-1, :r, :r] = block(r)
     return out.float()
 
 
-# ---- the transform ------------------------------------------------------------------------------------------------
+# ---- the transform -----------------------------------------------------------------------------------------
 
 @dataclass
 class LayerTransform:
+    """The input-side transform of one linear layer (or of layers sharing one input). See the module docstring
+    and docs/architecture.md for the layout."""
+
     in_features: int
     block_size: int
-    smooth: torch.Tensor | None = None  # [C]
-    rot1: torch.Tensor | None = None  # [nb, bs, bs]
-    perm: torch.Tensor | None = None  # [C] int64
-    rot2: torch.Tensor | None = None  # [nb, bs, bs]
+    smooth: torch.Tensor | None = None  # float32 [C]
+    rot1: torch.Tensor | None = None  # float32 [nb, bs, bs]
+    perm: torch.Tensor | None = None  # int64 [C]
+    rot2: torch.Tensor | None = None  # float32 [nb, bs, bs]
     kind: str = "identity"
+    _shared_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        # Decide block sharing now for CPU tensors (no device sync later, e.g. under CUDA graph capture).
+        for name in ("rot1", "rot2"):
+            rot = getattr(self, name)
+            if rot is not None and rot.device.type == "cpu" and rot.dim() == 3:
+                self._shared(name, rot)
+
+    # ---- properties ----------------------------------------------------------------------------------------
     @property
     def is_identity(self) -> bool:
         return self.smooth is None and self.rot1 is None and self.perm is None and self.rot2 is None
 
-    def _rotate(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-        nb, bs, _ = rot.shape
-        c = x.shape[-1]
-        pad = nb * bs - c
-        xp = F.pad(x, (0, pad)) if pad else x
-        y = torch.einsum("...nb,nbc->...nc", xp.reshape(*x.shape[:-1], nb, bs), rot.to(x.dtype))
-        y = y.reshape(*x.shape[:-1], nb * bs)
-        return y[..., :c] if pad else y
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.in_features // self.block_size)
 
+    def _shared(self, name: str, rot: torch.Tensor) -> bool:
+        """Whether all full blocks of `rot` hold the same matrix (then one matmul does them all); cached."""
+        hit = self._shared_cache.get(name)
+        if hit is not None and hit[0] is rot:
+            return hit[1]
+        full = self.in_features // self.block_size
+        shared = full <= 1 or bool(torch.equal(rot[1:full], rot[:1].expand(full - 1, -1, -1)))
+        self._shared_cache[name] = (rot, shared)
+        return shared
+
+    def _rotate(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """Blockwise x @ rot over the last dim for rot = self.<name>, in x's dtype (rot cast to it)."""
+        rot = getattr(self, name)
+        c, bs = x.shape[-1], self.block_size
+        full, r = c // bs, c % bs
+        shared = self._shared(name, rot)
+        rot = rot.to(device=x.device, dtype=x.dtype)
+        lead = x.shape[:-1]
+        parts = []
+        if full:
+            head = x[..., : full * bs] if r else x
+            if shared:
+                y = head.reshape(-1, bs) @ rot[0]
+            else:
+                y = torch.einsum("mnb,nbc->mnc", head.reshape(-1, full, bs), rot[:full])
+            parts.append(y.reshape(*lead, full * bs))
+        if r:
+            parts.append(x[..., full * bs:] @ rot[-1, :r, :r])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    # ---- online / offline ----------------------------------------------------------------------------------
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """Online activation transform on the last dim (computed in x's dtype)."""
+        """Online activation transform on the last dim (any leading dims): x / smooth -> rot1 -> x[..., perm]
+        -> rot2. Computed in x's dtype (bf16 / fp16 / fp32 / fp64) with the smoothing and rotations cast to
+        it."""
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"transform expects {self.in_features} input channels, got shape {tuple(x.shape)}")
+            raise ValueError(f"transform expects {self.in_features} input channels, "
+                             f"got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            x = x.float()
         if self.smooth is not None:
-            x = x / self.smooth.to(x.dtype)
+            x = x / self.smooth.to(device=x.device, dtype=x.dtype)
         if self.rot1 is not None:
-            x = self._rotate(x, self.rot1)
+            x = self._rotate(x, "rot1")
         if self.perm is not None:
-            x = x[..., self.perm]
+            x = x[..., self.perm.to(x.device)]
         if self.rot2 is not None:
-            x = self._rotate(x, self.rot2)
+            x = self._rotate(x, "rot2")
         return x
 
     def fold_into_weight(self, w: torch.Tensor) -> torch.Tensor:
-        """Offline: the same ops on W's rows, with the smoothing multiplied in (float64 inside)."""
+        """Offline: the same ops on W's rows [out, C], with the smoothing multiplied in, computed in float64.
+        Returns float64 for a float64 W, else float32. apply(x) @ fold_into_weight(W).T == x @ W.T."""
+        if w.dim() != 2 or w.shape[1] != self.in_features:
+            raise ValueError(f"fold_into_weight expects W [out, {self.in_features}], got {tuple(w.shape)}")
         out_dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-        w = w.double()
+        w = w.detach().double()
         if self.smooth is not None:
-            w = w * self.smooth.double()
+            w = w * self.smooth.to(w.device).double()
         if self.rot1 is not None:
-            w = self._rotate(w, self.rot1.double())
+            w = self._rotate(w, "rot1")
         if self.perm is not None:
-            w = w[:, self.perm]
+            w = w[:, self.perm.to(w.device)]
         if self.rot2 is not None:
-            w = self._rotate(w, self.rot2.double())
+            w = self._rotate(w, "rot2")
         return w.to(out_dtype)
+
+    def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The whole transform as one dense [C, C] matrix M with apply(x) == x @ M (small C; tests,
+        debugging)."""
+        return self.apply(torch.eye(self.in_features, dtype=dtype, device=self._device()))
+
+    # ---- storage -------------------------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        for t in (self.smooth, self.rot1, self.perm, self.rot2):
+            if t is not None:
+                return t.device
+        return torch.device("cpu")
 
     def to(self, device: torch.device | str) -> LayerTransform:
         """A copy on `device` (self when already there, so layers sharing a transform keep sharing it)."""
+        device = torch.device(device)
         tensors = [t for t in (self.smooth, self.rot1, self.perm, self.rot2) if t is not None]
-        if all(t.device == torch.device(device) for t in tensors):
+        if all(_same_device(t.device, device) for t in tensors):
             return self
 
         def move(t):
             return None if t is None else t.to(device)
 
-        return replace(self, smooth=move(self.smooth), rot1=move(self.rot1), perm=move(self.perm),
-                       rot2=move(self.rot2))
+        out = replace(self, smooth=move(self.smooth), rot1=move(self.rot1), perm=move(self.perm),
+                      rot2=move(self.rot2))
+        for name in ("rot1", "rot2"):  # sharing does not depend on the device: carry the decision over
+            rot = getattr(self, name)
+            if rot is not None:
+                out._shared_cache[name] = (getattr(out, name), self._shared(name, rot))
+        return out
 
     def to_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The stored tensors, keys `prefix + {smooth, rot1, perm, rot2}` (absent ones omitted)."""
         out = {}
         for name in ("smooth", "rot1", "perm", "rot2"):
             t = getattr(self, name)
@@ -236,15 +390,28 @@ class LayerTransform:
         return out
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str, *, in_features: int, block_size: int,
-                     kind: str) -> LayerTransform:
-        t = cls(in_features, block_size, kind=kind, **{k: tensors.get(prefix + k) for k in
-                                                        ("smooth", "rot1", "perm", "rot2")})
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str = "", in_features: int | None = None,
+                     block_size: int | None = None, kind: str = "identity") -> LayerTransform:
+        """Inverse of `to_tensors`; validates shapes and dtypes (a ValueError names what is wrong)."""
+        if in_features is None or block_size is None:
+            raise ValueError("from_tensors needs in_features and block_size")
+        parts = {k: tensors.get(prefix + k) for k in ("smooth", "rot1", "perm", "rot2")}
+        if parts["smooth"] is not None:
+            parts["smooth"] = parts["smooth"].float()
+        for k in ("rot1", "rot2"):
+            if parts[k] is not None:
+                parts[k] = parts[k].float()
+        if parts["perm"] is not None:
+            parts["perm"] = parts["perm"].long()
+        t = cls(int(in_features), int(block_size), kind=kind, **parts)
         t.validate()
         return t
 
-    def validate(self) -> None:
+    def validate(self, check_values: bool = False) -> None:
+        """Shapes (always) and, with check_values, orthogonality, permutation and positivity (slower)."""
         c, bs = self.in_features, self.block_size
+        if c < 1 or bs < 1:
+            raise ValueError(f"in_features and block_size must be >= 1, got {c}, {bs}")
         nb = -(-c // bs)
         if self.smooth is not None and tuple(self.smooth.shape) != (c,):
             raise ValueError(f"smoothing vector has shape {tuple(self.smooth.shape)}, expected ({c},)")
@@ -254,46 +421,105 @@ class LayerTransform:
             r = getattr(self, name)
             if r is not None and tuple(r.shape) != (nb, bs, bs):
                 raise ValueError(f"{name} has shape {tuple(r.shape)}, expected {(nb, bs, bs)}")
+        if not check_values:
+            return
+        if self.smooth is not None and not bool((torch.isfinite(self.smooth) & (self.smooth > 0)).all()):
+            raise ValueError("smoothing vector must be finite and positive")
+        if self.perm is not None and not torch.equal(torch.sort(self.perm.cpu()).values, torch.arange(c)):
+            raise ValueError("perm is not a permutation of range(in_features)")
+        for name in ("rot1", "rot2"):
+            r = getattr(self, name)
+            if r is None:
+                continue
+            r = r.double().cpu()
+            err = (r @ r.transpose(1, 2) - torch.eye(bs, dtype=torch.float64)).abs().max()
+            if float(err) > 1e-4:
+                raise ValueError(f"{name} is not orthogonal (max |R R^T - I| = {float(err):.2e})")
 
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
 
 
-def build_transform(method: str, *, weight: torch.Tensor, act_absmax: torch.Tensor | None,
-                    act_sample: torch.Tensor | None, block_size: int = 128, alpha: float = 0.6, steps: int = 256,
-                    permute: bool = True, seed: int = 0) -> LayerTransform:
-    """The transform of one layer (or of layers sharing one input: pass their weights concatenated on dim 0).
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    return a.index is None or b.index is None or a.index == b.index
 
-    method: rtn (identity) | smoothquant (smoothing) | hadamard (block Hadamard) | duquant (smoothing, greedy
-    rotation, zigzag permutation, second greedy rotation). Without calibration data duquant falls back to
-    statistics of the weight (kind "duquant-weight-only")."""
+
+# ---- builders ----------------------------------------------------------------------------------------------
+
+METHODS = ("rtn", "smoothquant", "hadamard", "duquant")
+
+
+def build_transform(method: str, *, weight: torch.Tensor, act_absmax: torch.Tensor | None,
+                    act_sample: torch.Tensor | None, block_size: int = 128, alpha: float = 0.6,
+                    steps: int = 256, permute: bool = True, seed: int = 0) -> LayerTransform:
+    """The input transform of one layer, or of layers sharing one input (pass their weights concatenated on
+    dim 0: the smoothing's weight statistic is then the max over all of them; pass q's weight alone to mimic
+    the official code, which uses q_proj's / up_proj's maxima for the whole q/k/v and gate/up groups).
+
+    method:
+    - "rtn": identity (kind "rtn").
+    - "smoothquant": smoothing only, s = a^alpha / w^(1-alpha) (the caller picks alpha; SmoothQuant's is 0.5).
+    - "hadamard": block Hadamard of `block_size` (QuaRot-style), no smoothing.
+    - "duquant": smoothing -> R1 greedy on the smoothed sample -> zigzag from max|x R1| -> R2 greedy on the
+      permuted sample. alpha <= 0 switches smoothing off; permute=False keeps R1 only (paper's "Perm0").
+      Without act_sample it falls back to weight statistics (kind "duquant-weight-only"): smoothing from
+      act_absmax when given (else none), and the rows of the smoothed weight W*s stand in for tokens, so the
+      greedy rotations flatten the weight's outliers and the zigzag uses the rotated weight's per-column
+      absmax.
+
+    Deterministic for a given seed (the random Q' of the greedy steps and of non-power-of-two Hadamard
+    blocks)."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [out, C], got shape {tuple(weight.shape)}")
     c = weight.shape[1]
-    generator = torch.Generator().manual_seed(seed)
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    generator = torch.Generator().manual_seed(int(seed))
     if method == "rtn":
         return LayerTransform(c, block_size, kind="rtn")
     if method == "hadamard":
-        return LayerTransform(c, block_size, rot1=hadamard_block_rotation(c, block_size, generator), kind="hadamard")
-    w_absmax = weight.detach().float().abs().amax(dim=0)
+        rot = hadamard_block_rotation(c, block_size, generator)
+        return LayerTransform(c, block_size, rot1=rot, kind="hadamard")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+
+    w = weight.detach().float().cpu()
+    w_absmax = w.abs().amax(dim=0)
+    sample = None
+    if act_sample is not None:
+        if act_sample.dim() != 2 or act_sample.shape[1] != c:
+            raise ValueError(f"act_sample must be [T, {c}], got shape {tuple(act_sample.shape)}")
+        sample = act_sample.detach().float().cpu()
+        sample = sample[torch.isfinite(sample).all(dim=1)]
+        if sample.shape[0] == 0:
+            sample = None
+    if act_absmax is None and sample is not None:
+        act_absmax = sample.abs().amax(dim=0)
+    if act_absmax is not None and tuple(act_absmax.shape) != (c,):
+        raise ValueError(f"act_absmax must be [{c}], got shape {tuple(act_absmax.shape)}")
+
     if method == "smoothquant":
         if act_absmax is None:
             raise ValueError("smoothquant needs the activations' per-channel absmax (calibration data)")
         return LayerTransform(c, block_size, smooth=smoothing_scales(act_absmax, w_absmax, alpha),
                               kind="smoothquant")
-    if method != "duquant":
-        raise ValueError(f"unknown method {method!r}; use rtn, smoothquant, hadamard or duquant")
 
-    if act_sample is None or act_absmax is None:
-        # Weight-only fallback: the weight's rows stand in for activation tokens, no smoothing.
-        x, smooth, kind = weight.detach().float(), None, "duquant-weight-only"
+    # duquant
+    smooth = smoothing_scales(act_absmax, w_absmax, alpha) if act_absmax is not None and alpha > 0 else None
+    if sample is not None:
+        x, kind = (sample / smooth if smooth is not None else sample), "duquant"
     else:
-        smooth = smoothing_scales(act_absmax, w_absmax, alpha) if alpha > 0 else None
-        x = act_sample.float() / smooth if smooth is not None else act_sample.float()
-        kind = "duquant"
-    rot1 = greedy_block_rotation(x, block_size, steps, generator)
+        x, kind = (w * smooth if smooth is not None else w), "duquant-weight-only"
+    rot1 = _greedy_blocks(x, block_size, steps, generator)
     t = LayerTransform(c, block_size, smooth=smooth, rot1=rot1, kind=kind)
     if not permute:
         return t
-    x1 = t._rotate(x, rot1)
+    x1 = t._rotate(x, "rot1")
+    del x
     perm = zigzag_permutation(x1.abs().amax(dim=0), block_size)
-    rot2 = greedy_block_rotation(x1[:, perm], block_size, steps, generator)
+    x2 = x1[:, perm]
+    del x1
+    rot2 = _greedy_blocks(x2, block_size, steps, generator)
     return LayerTransform(c, block_size, smooth=smooth, rot1=rot1, perm=perm, rot2=rot2, kind=kind)

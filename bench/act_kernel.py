@@ -1,0 +1,16 @@
+"""The fused DuQuant activation kernel on pi0's activation shapes, against device copy bandwidth (and a sweep of
+launch configurations / precisions). Writes act_kernel.{json,md} to --out (default $OUT).
+
+    PYTHONPATH=src python3 bench/act_kernel.py [--no-sweep] [--out DIR]
+"""
+
+import argparse
+import os
+
+from duquant.kernels.bench import bench_act
+
+p = argparse.ArgumentParser()
+p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+p.add_argument("--no-sweep", action="store_true")
+a = p.parse_args()
+bench_act(a.out, sweep=not a.no_sweep)

@@ -1,0 +1,503 @@
+# ruff: noqa: B023  (timed lambdas run before the loop moves on)
+"""Kernel benchmarks on pi0's shapes (used by bench/*.py and `duquant bench`). CUDA only.
+
+- ``gemm``: every pi0 GEMM shape: bf16 cuBLAS (F.linear), ours (int8 x int8, int8 x packed int4; both
+  orientations), torch's own FP8 rowwise ``_scaled_mm`` and ``_int_mm`` (library kernels present with torch),
+  each with an output check against a float reference.
+- ``act``: the fused activation kernel against memory bandwidth (bytes = bf16 read + int8 write).
+- ``stack``: one decoder layer's linear layers per part (LLM M=816, expert M=51, SigLIP M=768), activation
+  kernels included, in one CUDA graph over L layers with distinct weights; bf16 unfused / fused vs W4A8 / W8A8.
+
+Each writes <name>.json and <name>.md into the output folder.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# (name, M, K, [N per member]) -- pi0: PaliGemma gemma_2b (width 2048, 8x256 heads, 1 kv head, mlp 16384) on an
+# 816-token prefix, gemma_300m action expert (width 1024, mlp 4096) on 51 tokens, SigLIP So400m (1152, mlp 4304)
+# on 3 x 256 image tokens.
+PI0_GEMMS = [
+    ("llm.q", 816, 2048, [2048]), ("llm.kv", 816, 2048, [256]), ("llm.o", 816, 2048, [2048]),
+    ("llm.gate/up", 816, 2048, [16384]), ("llm.down", 816, 16384, [2048]),
+    ("llm.qkv fused", 816, 2048, [2048, 256, 256]), ("llm.gate+up fused", 816, 2048, [16384, 16384]),
+    ("exp.q", 51, 1024, [2048]), ("exp.kv", 51, 1024, [256]), ("exp.o", 51, 2048, [1024]),
+    ("exp.gate/up", 51, 1024, [4096]), ("exp.down", 51, 4096, [1024]),
+    ("exp.qkv fused", 51, 1024, [2048, 256, 256]), ("exp.gate+up fused", 51, 1024, [4096, 4096]),
+    ("vis.qkv fused", 768, 1152, [1152, 1152, 1152]), ("vis.o", 768, 1152, [1152]),
+    ("vis.fc1", 768, 1152, [4304]), ("vis.fc2", 768, 4304, [1152]),
+]
+
+# one decoder layer per part: groups of (K, [N per member]) sharing an input
+PI0_LAYERS = {
+    "llm": (816, [(2048, [2048, 256, 256]), (2048, [2048]), (2048, [16384, 16384]), (16384, [2048])]),
+    "expert": (51, [(1024, [2048, 256, 256]), (2048, [1024]), (1024, [4096, 4096]), (4096, [1024])]),
+    "vision": (768, [(1152, [1152, 1152, 1152]), (1152, [1152]), (1152, [4304]), (4304, [1152])]),
+}
+
+
+def env_info() -> dict:
+    import triton
+
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+_FLUSH = None
+
+
+def timeit(fn, reps: int = 20, flush: bool = True) -> float:
+    """Median µs of fn, timed as CUDA-graph replays (no host launch overhead in the figure), with the L2 cache
+    flushed before each call (a 256 MB memset in the graph, its own time subtracted), like weights coming from
+    HBM in a real forward."""
+    global _FLUSH
+    if _FLUSH is None:
+        _FLUSH = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+
+    # a read-only flush: a memset would leave 50 MB of dirty lines whose write-back the timed kernel would pay
+    def body():
+        for _ in range(reps):
+            if flush:
+                _FLUSH.max()
+            fn()
+
+    def only_flush():
+        for _ in range(reps):
+            _FLUSH.max()
+
+    t = time_graph(body, iters=7)
+    if flush:
+        t -= time_graph(only_flush, iters=7)
+    return t / reps
+
+
+def time_graph(fn, iters: int = 20) -> float:
+    """Median µs of one replay of a CUDA graph of fn (captured after a warm-up call)."""
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000.0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def write(out_dir: str | Path, name: str, data: dict, md: str) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=1))
+    (out / f"{name}.md").write_text(md)
+
+
+def _table(rows: list[dict], cols: list[str]) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            cells.append(f"{v:.1f}" if isinstance(v, float) and abs(v) >= 10 else
+                         (f"{v:.2f}" if isinstance(v, float) else str(v)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- random operands in kernel layout -----------------------------------------------------------------------------
+
+def random_gemm_weight(k: int, splits: list[int], wbits: int, w_symmetric: bool, device="cuda", bias=False,
+                       seed: int = 0):
+    """A GemmWeight with random codes / scales (no layer), plus its dequantized float32 [N, K] for checking."""
+    from duquant.kernels.triton_gemm import W_INT4, W_INT8, W_UINT8, GemmWeight
+    from duquant.quantizers import pack_int4
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    n = sum(splits)
+    if wbits == 4:
+        codes = torch.randint(0, 16, (n, k), generator=g, device=device, dtype=torch.int16)
+        zero = torch.full((n,), 8, device=device, dtype=torch.int32) if w_symmetric else \
+            torch.randint(4, 12, (n,), generator=g, device=device, dtype=torch.int32)
+        data, kind = pack_int4(codes.to(torch.uint8)), W_INT4
+    elif w_symmetric:
+        codes = torch.randint(-127, 128, (n, k), generator=g, device=device, dtype=torch.int16)
+        zero = torch.zeros(n, device=device, dtype=torch.int32)
+        data, kind = codes.to(torch.int8), W_INT8
+    else:
+        u = torch.randint(0, 256, (n, k), generator=g, device=device, dtype=torch.int16)
+        codes = u - 128
+        zero = torch.randint(-20, 20, (n,), generator=g, device=device, dtype=torch.int32)
+        data, kind = u.to(torch.uint8), W_UINT8
+    scale = torch.rand(n, generator=g, device=device) * 0.01 + 0.001
+    colsum = (codes.float() - zero[:, None].float()).sum(1)
+    b = torch.randn(n, generator=g, device=device) * 0.1 if bias else None
+    w = GemmWeight(data=data.contiguous(), kind=kind, N=n, K=k, scale=scale, zero=zero, colsum=colsum, bias=b,
+                   group_size=None, splits=tuple(splits))
+    deq = (codes.float() - zero[:, None].float()) * scale[:, None]
+    return w, deq
+
+
+def random_act_codes(m: int, k: int, device="cuda", seed: int = 1):
+    g = torch.Generator(device=device).manual_seed(seed)
+    codes = torch.randint(-128, 128, (m, k), generator=g, device=device, dtype=torch.int16).to(torch.int8)
+    sx = torch.rand(m, generator=g, device=device) * 0.05 + 0.01
+    zx = torch.randint(-10, 10, (m,), generator=g, device=device).float()
+    return codes, sx, zx
+
+
+# ---- GEMM shapes --------------------------------------------------------------------------------------------------
+
+def bench_gemm(out_dir, shapes=None, formats=("w8a8-sym", "w8a8", "w4a8")) -> dict:
+    from duquant.kernels import reference
+    from duquant.kernels.triton_gemm import _launch
+
+    shapes = shapes or PI0_GEMMS
+    rows = []
+    for name, m, k, splits in shapes:
+        n = sum(splits)
+        row = {"shape": name, "M": m, "K": k, "N": n}
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / math.sqrt(k)
+        row["bf16 us"] = timeit(lambda: F.linear(x, wb))
+        # torch FP8 rowwise (library; GEMM only, activation already quantized)
+        try:
+            xf = x.to(torch.float8_e4m3fn)
+            wf = wb.to(torch.float8_e4m3fn)
+            sa = torch.ones(m, 1, device="cuda")
+            sb = torch.ones(1, n, device="cuda")
+            row["fp8 _scaled_mm us"] = timeit(lambda: torch._scaled_mm(xf, wf.t(), scale_a=sa, scale_b=sb,
+                                                                     out_dtype=torch.bfloat16, use_fast_accum=True))
+        except Exception as e:  # noqa: BLE001
+            row["fp8 _scaled_mm us"] = f"n/a ({type(e).__name__})"
+        try:
+            if m > 16:
+                xi = torch.randint(-128, 127, (m, k), device="cuda", dtype=torch.int8)
+                wi = torch.randint(-128, 127, (n, k), device="cuda", dtype=torch.int8)
+                row["_int_mm us"] = timeit(lambda: torch._int_mm(xi, wi.t()))
+        except Exception as e:  # noqa: BLE001
+            row["_int_mm us"] = f"n/a ({type(e).__name__})"
+        for fmt in formats:
+            wbits = 4 if fmt == "w4a8" else 8
+            w, deq = random_gemm_weight(k, splits, wbits, w_symmetric=fmt.endswith("-sym"), bias=False)
+            codes, sx, zx = random_act_codes(m, k)
+            rs = reference.code_row_sums(codes)
+            xin = reference.split_int4_order(codes) if w.act_layout == "split" else codes
+            ref = ((codes.float() - zx[:, None]) * sx[:, None]) @ deq.T
+            outs = [torch.empty(m, s, device="cuda", dtype=torch.bfloat16) for s in splits]
+            for variant in ("nt", "swap"):
+                _launch(variant, xin, sx, zx, rs, w, outs)  # autotune
+                t = timeit(lambda variant=variant: _launch(variant, xin, sx, zx, rs, w, outs))
+                y = torch.cat([o.float() for o in outs], 1)
+                err = float((y - ref).norm() / ref.norm())
+                row[f"{fmt} {variant} us"] = t
+                row[f"{fmt} {variant} err"] = err
+            best = min(row[f"{fmt} nt us"], row[f"{fmt} swap us"])
+            row[f"{fmt} best us"] = best
+            row[f"{fmt} speedup"] = row["bf16 us"] / best
+        rows.append(row)
+        print({k_: (round(v, 2) if isinstance(v, float) else v) for k_, v in row.items()}, flush=True)
+    info = env_info()
+    cols = ["shape", "M", "K", "N", "bf16 us", "fp8 _scaled_mm us", "_int_mm us"]
+    for fmt in formats:
+        cols += [f"{fmt} nt us", f"{fmt} swap us", f"{fmt} speedup"]
+    md = (f"GEMM only (activation codes given), {info['gpu']}, torch {info['torch']}, triton {info['triton']}, "
+          f"{info['date']}. µs = median of triton do_bench (L2 flushed). Output rel. error vs float32 reference "
+          f"in the JSON (bf16 rounding: ~2e-3).\n\n" + _table(rows, cols))
+    data = {"env": info, "rows": rows}
+    write(out_dir, "gemm_shapes", data, md)
+    return data
+
+
+# ---- activation kernel --------------------------------------------------------------------------------------------
+
+def copy_bandwidth() -> float:
+    """GB/s of a large device-to-device copy (bytes read + written)."""
+    a = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    t = timeit(lambda: b.copy_(a), flush=False)
+    return 2 * a.numel() / (t * 1e-6) / 1e9
+
+
+def bench_act(out_dir, cases=None, sweep: bool = True) -> dict:
+    from duquant.kernels.synthetic import random_transform
+    from duquant.kernels.triton_act import _launch_config, act_quant, build_act_plan
+
+    cases = cases or [(816, 2048), (816, 16384), (51, 1024), (51, 2048), (51, 4096), (768, 1152), (768, 4304)]
+    bw = copy_bandwidth()
+    rows = []
+    plans = {}
+    for m, k in cases:
+        if k not in plans:
+            plans[k] = build_act_plan(random_transform(k, "duquant", 128, seed=k, steps=4), k, "cuda")
+        plan = plans[k]
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        nbytes = m * k * 3 + m * 16
+        floor_us = nbytes / (bw * 1e9) * 1e6
+        bm, warps = _launch_config(m, plan.KP, plan.BS, True)
+        variants = [(f"fused BM={bm},w={warps}", dict(impl="fused")), ("fused bf16", dict(precision="bf16"))]
+        if sweep and (m, k) in ((816, 2048), (816, 16384), (51, 1024)):
+            variants += [(f"fused BM={b},w={wp}{' ' + tag if tag else ''}", dict(block_m=b, num_warps=wp, **extra))
+                         for b, wp in ((1, 4), (2, 4), (2, 8), (4, 4), (8, 8))
+                         for tag, extra in (("", {}), ("hoist", dict(hoist=True)), ("1 prog/SM", dict(programs=132)),
+                                            ("bf16", dict(precision="bf16")))
+                         if b * plan.KP // plan.BS >= 16 and b * plan.KP <= 32768]
+            variants += [("fused no-perm", dict(disable=("HAS_PERM",))),
+                         ("fused no-rot", dict(disable=("HAS_PERM", "HAS_R1", "HAS_R2")))]
+        for vname, kw in variants:
+            try:
+                act_quant(x, plan, clip=0.9, **kw)
+                t = timeit(lambda kw=kw: act_quant(x, plan, clip=0.9, **kw), flush=False)  # x is L2-hot in a model
+            except Exception as e:  # noqa: BLE001
+                print("act variant failed", m, k, vname, repr(e)[:200], flush=True)
+                continue
+            rows.append({"M": m, "K": k, "variant": vname,
+                         "us": t, "GB/s": nbytes / (t * 1e-6) / 1e9, "floor us": floor_us,
+                         "of copy bw": floor_us / t})
+            print(rows[-1], flush=True)
+    info = env_info()
+    info["copy GB/s"] = bw
+    md = (f"Fused DuQuant activation kernel (smooth, rot1, perm, rot2, asym per-token int8; 128-wide blocks), "
+          f"{info['gpu']}, {info['date']}. Device copy bandwidth {bw:.0f} GB/s; floor = (2 B read + 1 B write) "
+          f"per element at that bandwidth.\n\n" + _table(rows, ["M", "K", "variant", "us", "GB/s", "floor us",
+                                                                 "of copy bw"]))
+    data = {"env": info, "rows": rows}
+    write(out_dir, "act_kernel", data, md)
+    return data
+
+
+# ---- one decoder layer per part -----------------------------------------------------------------------------------
+
+def _bf16_group(k, outs, device="cuda"):
+    return [torch.randn(n, k, device=device, dtype=torch.bfloat16) / math.sqrt(k) for n in outs]
+
+
+def bench_stack(out_dir, parts=("llm", "expert", "vision"), nlayers: int = 2,
+                formats=(("w4a8", 4, False), ("w8a8", 8, False), ("w8a8-sym", 8, True))) -> dict:
+    from duquant.kernels import GpuLinearGroup
+    from duquant.kernels.synthetic import random_group
+
+    rows = []
+    for part in parts:
+        m, groups = PI0_LAYERS[part]
+        xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for k, _ in groups]
+        bf = [[_bf16_group(k, outs) for k, outs in groups] for _ in range(nlayers)]
+        bf_fused = [[torch.cat(ws) for ws in layer] for layer in bf]
+
+        def run_bf16(bf=bf, xs=xs):
+            for layer in bf:
+                for x, ws in zip(xs, layer):
+                    for w in ws:
+                        F.linear(x, w)
+
+        def run_bf16_fused(bf_fused=bf_fused, xs=xs):
+            for layer in bf_fused:
+                for x, w in zip(xs, layer):
+                    F.linear(x, w)
+
+        t_bf = time_graph(run_bf16) / nlayers
+        t_bff = time_graph(run_bf16_fused) / nlayers
+        bytes_bf = sum(w.numel() * 2 for ws in bf[0] for w in ws)
+        row = {"part": part, "M": m, "bf16 us": t_bf, "bf16 fused us": t_bff}
+        del bf, bf_fused
+        for fmt, wbits, wsym in formats:
+            qlayers = []
+            for li in range(nlayers):
+                gl = []
+                for gi, (k, outs) in enumerate(groups):
+                    layers = random_group(k, outs, wbits=wbits, w_symmetric=wsym, bias=False, seed=100 * li + gi,
+                                          steps=4, device="cuda")
+                    gl.append(GpuLinearGroup(layers))
+                qlayers.append(gl)
+
+            def run_q(qlayers=qlayers, xs=xs):
+                for gl in qlayers:
+                    for x, g in zip(xs, gl):
+                        g.forward_all(x)
+
+            t_q = time_graph(run_q) / nlayers
+            # breakdown on layer 0: activation kernels alone, GEMMs alone
+            from duquant.kernels.triton_act import act_quant
+            from duquant.kernels.triton_gemm import int_gemm
+
+            acts = [act_quant(x, g.plan, clip=g.clip, layout=g.gemms[0][1].act_layout)
+                    for x, g in zip(xs, qlayers[0])]
+
+            def run_act(qlayers=qlayers, xs=xs):
+                for x, g in zip(xs, qlayers[0]):
+                    act_quant(x, g.plan, clip=g.clip, layout=g.gemms[0][1].act_layout)
+
+            def run_gemm(qlayers=qlayers, acts=acts):
+                for a, g in zip(acts, qlayers[0]):
+                    int_gemm(*a, g.gemms[0][1])
+
+            row[f"{fmt} us"] = t_q
+            row[f"{fmt} act us"] = time_graph(run_act)
+            row[f"{fmt} gemm us"] = time_graph(run_gemm)
+            row[f"{fmt} vs bf16"] = t_bf / t_q
+            row[f"{fmt} vs bf16 fused"] = t_bff / t_q
+            qbytes = sum(g.resident_bytes() for g in qlayers[0])
+            row[f"{fmt} bytes/bf16"] = qbytes / bytes_bf
+            del qlayers, acts
+            torch.cuda.empty_cache()
+        rows.append(row)
+        print({k_: (round(v, 3) if isinstance(v, float) else v) for k_, v in row.items()}, flush=True)
+    info = env_info()
+    cols = ["part", "M", "bf16 us", "bf16 fused us"]
+    for fmt, _, _ in formats:
+        cols += [f"{fmt} us", f"{fmt} act us", f"{fmt} gemm us", f"{fmt} vs bf16", f"{fmt} vs bf16 fused",
+                 f"{fmt} bytes/bf16"]
+    md = (f"One decoder layer's linear layers per part (µs per layer, CUDA graph over {nlayers} layers with "
+          f"distinct weights; ours = fused activation kernel once per shared input + fused q/k/v and gate/up "
+          f"GEMMs; bf16 = cuBLAS F.linear per layer, 'fused' = concatenated q/k/v and gate/up weights). "
+          f"{info['gpu']}, torch {info['torch']}, triton {info['triton']}, {info['date']}. "
+          f"'act' / 'gemm' = the activation kernels / the GEMMs of one layer alone.\n\n" + _table(rows, cols))
+    data = {"env": info, "rows": rows}
+    write(out_dir, "layer_stack", data, md)
+    return data
+
+
+def main_cli(which: str, out_dir: str | None = None, **kw) -> None:
+    out_dir = out_dir or os.environ.get("OUT", "bench_out")
+    {"gemm": bench_gemm, "act": bench_act, "stack": bench_stack}[which](out_dir, **kw)
+
+
+# ---- end to end ---------------------------------------------------------------------------------------------------
+
+PART_PREFIX = {
+    "llm": "paligemma_with_expert.paligemma.model.language_model.",
+    "expert": "paligemma_with_expert.gemma_expert.model.",
+    "vision": "paligemma_with_expert.paligemma.model.vision_tower.",
+}
+_GROUP_NAMES = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("out_proj",), ("gate_proj", "up_proj"), ("down_proj",),
+                ("fc1",), ("fc2",)]
+
+
+def quantize_synthetic(model, parts, wbits: int = 4, w_symmetric: bool = False, steps: int = 4) -> int:
+    """Replace the transformer-block linears of `parts` by gpu-backend DuQuantLinear layers with real DuQuant
+    transforms (searched on random outlier activations, not calibrated: this measures speed and memory only)."""
+    from torch import nn
+
+    from duquant.kernels.synthetic import random_transform
+    from duquant.layers import DuQuantLinear
+    from duquant.quantizers import quantize_weight
+
+    prefixes = [PART_PREFIX[p] for p in parts]
+    n = 0
+    for name, mod in list(model.named_modules()):
+        if not any(name.startswith(p) for p in prefixes) or ".layers." not in name:
+            continue
+        for grp in _GROUP_NAMES:
+            lins = [getattr(mod, g, None) for g in grp]
+            if not all(isinstance(lin, nn.Linear) for lin in lins):
+                continue
+            k = lins[0].in_features
+            dev = lins[0].weight.device
+            sample_w = torch.cat([lin.weight[:256].detach().float().cpu() for lin in lins])[:256]
+            t = random_transform(k, "duquant", 128, seed=n, steps=steps, weight=sample_w).to(dev)
+            for g, lin in zip(grp, lins):
+                qw = quantize_weight(t.fold_into_weight(lin.weight.detach().float()), wbits, symmetric=w_symmetric,
+                                     clip=0.9 if wbits <= 4 else 1.0)
+                setattr(mod, g, DuQuantLinear(k, lin.out_features, qweight=qw, transform=t, bias=lin.bias,
+                                              abits=8, act_clip=0.9, backend="gpu"))
+            n += 1
+    return n
+
+
+def _model_bytes(model) -> tuple[int, int]:
+    from duquant.layers import DuQuantLinear
+
+    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    quant = sum(m.weight_bytes() for m in model.modules() if isinstance(m, DuQuantLinear))
+    return total, quant
+
+
+def bench_e2e(out_dir, models=("pi0",), batches=(1,), variants=None, iters: int = 10, skip_all: bool = False
+              ) -> dict:
+    import copy
+
+    from duquant import kernels
+    from duquant.models import build_policy, make_synthetic_observation
+
+    variants = variants or [("bf16", None, 0), ("w4a8 llm+vision (expert bf16)", ("llm", "vision"), 4),
+                            ("w4a8 all", ("llm", "vision", "expert"), 4)]
+    if skip_all:
+        variants = variants[:2]
+    rows = []
+    for name in models:
+        base = build_policy(name, device="cuda", dtype=torch.bfloat16)
+        for batch in batches:
+            obs = make_synthetic_observation(base.config, batch_size=batch).to("cuda")
+            noise = torch.randn(batch, base.config.action_horizon, base.config.action_dim, device="cuda")
+            for vname, parts, wbits in variants:
+                model = base if parts is None else copy.deepcopy(base)
+                nq = 0
+                if parts is not None:
+                    nq = quantize_synthetic(model, parts, wbits)
+                    kernels.prepare_gpu_model(model)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                with torch.no_grad():
+                    model.sample_actions(obs, noise=noise)  # warm-up (autotune, first-call work)
+                    torch.cuda.synchronize()
+                    peak = torch.cuda.max_memory_allocated()
+                    try:
+                        t = time_graph(lambda model=model: model.sample_actions(obs, noise=noise), iters=iters)
+                        mode = "cuda graph"
+                    except Exception as e:  # noqa: BLE001
+                        print("graph capture failed:", repr(e)[:300], flush=True)
+                        torch.cuda.synchronize()
+                        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        a.record()
+                        for _ in range(iters):
+                            model.sample_actions(obs, noise=noise)
+                        b.record()
+                        b.synchronize()
+                        t = a.elapsed_time(b) * 1000 / iters
+                        mode = "eager"
+                total, quant = _model_bytes(model)
+                if model is not base:  # the bf16 base model stays allocated for the next variant: not counted
+                    peak -= _model_bytes(base)[0]
+                row = {"model": name, "batch": batch, "variant": vname, "ms": t / 1000, "mode": mode,
+                       "quantized layers groups": nq, "peak GB": peak / 1e9, "resident GB": total / 1e9,
+                       "quantized weight GB": quant / 1e9}
+                rows.append(row)
+                print(row, flush=True)
+                if model is not base:
+                    del model
+                    torch.cuda.empty_cache()
+        del base
+        torch.cuda.empty_cache()
+    for r in rows:
+        ref = next(x for x in rows if x["model"] == r["model"] and x["batch"] == r["batch"] and x["variant"] == "bf16")
+        r["vs bf16"] = ref["ms"] / r["ms"]
+    info = env_info()
+    md = (f"`sample_actions` (10 denoising steps), full-size config with random weights, bf16, {info['gpu']}, torch "
+          f"{info['torch']}, {info['date']}; median of {iters} CUDA-graph replays (both paths captured the same way). "
+          f"Quantized variants: DuQuant W4A8 on the named parts' block linears (transforms from random outlier "
+          f"activations: speed and memory only).\n\n" +
+          _table(rows, ["model", "batch", "variant", "ms", "vs bf16", "mode", "peak GB", "resident GB",
+                        "quantized weight GB"]))
+    data = {"env": info, "rows": rows}
+    write(out_dir, "e2e", data, md)
+    return data
