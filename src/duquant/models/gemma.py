@@ -1,13 +1,18 @@
-"""Gemma decoder (PaliGemma's language model and the pi0 action expert), with openpi's module names.
+"""Gemma decoder (PaliGemma's language model and the pi0 action expert) with openpi's module names.
 
-RMSNorm scales by (1 + weight); the pi0.5 expert replaces it by adaptive RMSNorm (`dense`: cond -> scale, shift,
-gate) with gated residuals. Attention has one KV head, RoPE, and can attend to a cached prefix: that is how the
-action expert reads the language model's keys and values (openpi's joint attention at inference).
+Follows openpi's patched transformers Gemma (`models_pytorch/transformers_replace/models/gemma/modeling_gemma.py`):
+- RMSNorm computes in float32 and scales by (1 + weight); the pi0.5 expert replaces it by adaptive RMSNorm: a
+  `dense` Linear maps the time conditioning to (scale, shift, gate), the norm gives `x_n * (1 + scale) + shift`,
+  and the residual is gated: `x + gate * y` (`_gated_residual`). Norms return the stream's dtype.
+- GeGLU MLP with tanh-approximated GELU; attention with one KV head shared by all query heads, RoPE
+  (rotate-half convention, theta 1e4) applied in the stream's dtype, scale head_dim ** -0.5.
+- No sqrt(width) scaling inside the model (openpi comments it out; the policy scales language embeddings itself).
+Attention goes through `F.scaled_dot_product_attention` with an additive mask (openpi's -2.3819763e38 for
+"masked", so a fully masked row stays finite). The joint prefix + suffix forward lives in `pi0.py`, which calls
+the per-layer pieces below (`project_qkv`, `attend`, `finish`).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -15,75 +20,89 @@ from torch import nn
 
 from duquant.models.config import GemmaConfig
 
-KV = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (B, kv_heads, S, head_dim)
+KV = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (B, num_kv_heads, S, head_dim), k after RoPE
+MASKED = -2.3819763e38  # openpi `_prepare_attention_masks_4d`
 
 
 class RMSNorm(nn.Module):
+    """Gemma RMSNorm, or (cond_dim given) pi0.5's adaptive RMSNorm. Returns (normed, gate or None)."""
+
     def __init__(self, dim: int, eps: float = 1e-6, cond_dim: int | None = None):
         super().__init__()
         self.eps = eps
         if cond_dim is None:
             self.weight = nn.Parameter(torch.zeros(dim))
         else:
-            self.dense = nn.Linear(cond_dim, 3 * dim)  # adaRMS (pi0.5): scale, shift, gate from the time embedding
+            self.dense = nn.Linear(cond_dim, 3 * dim)  # cond -> (scale, shift, gate)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        normed = x * torch.rsqrt(var + self.eps)  # float32
         if not hasattr(self, "dense"):
             return (normed * (1.0 + self.weight.float())).to(x.dtype), None
         if cond is None:
-            raise ValueError("adaptive RMSNorm needs the time conditioning")
-        scale, shift, gate = self.dense(cond).float()[:, None, :].chunk(3, dim=-1)  # (B, 1, D) each
-        return (normed * (1.0 + scale) + shift).to(x.dtype), gate.to(x.dtype)
+            raise ValueError("adaptive RMSNorm (pi0.5 expert) needs the time conditioning `cond`")
+        scale, shift, gate = self.dense(cond)[:, None, :].chunk(3, dim=-1)  # (B, 1, D) each
+        return (normed * (1.0 + scale.float()) + shift.float()).to(x.dtype), gate.to(x.dtype)
 
 
-def rope(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (B, 1, T, head_dim) for integer positions (B, T)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (B, 1, T, head_dim) for integer positions (B, T): computed in float32, returned in `dtype`."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
-    return emb.cos(), emb.sin()
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """bool (B, T, S) -> additive (B, 1, T, S); a large negative instead of -inf keeps fully masked rows finite."""
-    return torch.where(mask[:, None], 0.0, torch.finfo(dtype).min).to(dtype)
+def mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool (B, T, S), True = may attend -> additive (B, 1, T, S)."""
+    return torch.where(mask[:, None], 0.0, MASKED).to(dtype)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """q (B, H, T, hd), k/v (B, KV, S, hd), bias (B, 1, T, S) -> (B, T, H * hd)."""
+    B, H, T, hd = q.shape
+    KVh, S = k.shape[1], k.shape[2]
+    if KVh != H:  # grouped-query attention: every query head of a group reads the same KV head (no copy for KV=1)
+        k = k[:, :, None].expand(B, KVh, H // KVh, S, hd).reshape(B, H, S, hd)
+        v = v[:, :, None].expand(B, KVh, H // KVh, S, hd).reshape(B, H, S, hd)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=hd ** -0.5)  # (B, H, T, hd)
+    return y.transpose(1, 2).reshape(B, T, H * hd)
 
 
 class GemmaAttention(nn.Module):
     def __init__(self, cfg: GemmaConfig):
         super().__init__()
-        self.cfg = cfg
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.width, cfg.num_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.width, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                prefix_kv: KV | None = None) -> tuple[torch.Tensor, KV]:
-        B, T, _ = x.shape
-        c = self.cfg
-        q = self.q_proj(x).view(B, T, c.num_heads, c.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)  # (B, KV, T, hd)
-        v = self.v_proj(x).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+    def project_qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h (B, T, width) -> q (B, H, T, hd), k and v (B, KV, T, hd), before RoPE."""
+        B, T, _ = h.shape
+        q = self.q_proj(h).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
+                past_kv: KV | None = None) -> tuple[torch.Tensor, KV]:
+        """Self-attention over [past_kv, own tokens]; returns the output and the own (k, v) (for a cache)."""
+        q, k, v = self.project_qkv(h)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        kv = (k, v)
-        if prefix_kv is not None:
-            k = torch.cat([prefix_kv[0].to(k.dtype), k], dim=2)
-            v = torch.cat([prefix_kv[1].to(v.dtype), v], dim=2)
-        rep = c.num_heads // c.num_kv_heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask(mask, q.dtype),
-                                           scale=1.0 / math.sqrt(c.head_dim))
-        y = y.transpose(1, 2).reshape(B, T, c.num_heads * c.head_dim)
-        return self.o_proj(y), kv
+        own = (k, v)
+        if past_kv is not None:
+            k = torch.cat([past_kv[0].to(k.dtype), k], dim=2)  # (B, KV, S_past + T, hd)
+            v = torch.cat([past_kv[1].to(v.dtype), v], dim=2)
+        return self.o_proj(attend(q, k, v, bias)), own
 
 
 class GemmaMLP(nn.Module):
@@ -109,16 +128,25 @@ class GemmaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.width, cfg.rms_eps, cond_dim)
         self.mlp = GemmaMLP(cfg)
 
-    def forward(self, x, cos, sin, mask, prefix_kv: KV | None = None, cond: torch.Tensor | None = None):
+    def finish(self, x: torch.Tensor, attn_out: torch.Tensor, gate: torch.Tensor | None,
+               cond: torch.Tensor | None) -> torch.Tensor:
+        """Everything after attention: o_proj, gated residual, post-attention norm, MLP, gated residual.
+        attn_out (B, T, H * hd) is the attention output before o_proj."""
+        x = gated_residual(x, self.self_attn.o_proj(attn_out.to(x.dtype)), gate)
+        h, gate = self.post_attention_layernorm(x, cond)
+        return gated_residual(x, self.mlp(h), gate)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
+                past_kv: KV | None = None, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, KV]:
         h, gate = self.input_layernorm(x, cond)
-        h, kv = self.self_attn(h, cos, sin, mask, prefix_kv)
+        h, kv = self.self_attn(h, cos, sin, bias, past_kv)
         x = gated_residual(x, h, gate)
         h, gate = self.post_attention_layernorm(x, cond)
         return gated_residual(x, self.mlp(h), gate), kv
 
 
 class GemmaModel(nn.Module):
-    """`embed_tokens` only for the language model (openpi drops the expert's)."""
+    """Decoder stack. `embed_tokens` only for the language model (openpi sets the expert's to None)."""
 
     def __init__(self, cfg: GemmaConfig, with_embeddings: bool = True, cond_dim: int | None = None):
         super().__init__()
@@ -129,21 +157,23 @@ class GemmaModel(nn.Module):
         self.norm = RMSNorm(cfg.width, cfg.rms_eps, cond_dim)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                prefix_kvs: list[KV] | None = None, cond: torch.Tensor | None = None
+                past_kvs: list[KV] | None = None, cond: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, list[KV]]:
-        """x (B, T, width) already embedded (openpi scales token embeddings by sqrt(width) itself);
-        mask bool (B, T, S) over [prefix..., own tokens]; returns the normed output and per-layer (k, v)."""
-        cos, sin = rope(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        kvs = []
+        """x (B, T, width), already embedded; positions (B, T) int; mask bool (B, T, S) over
+        [past tokens..., own tokens]; past_kvs per layer. Returns the final-normed output and each layer's own (k, v).
+        """
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        bias = mask_bias(mask, x.dtype)
+        kvs: list[KV] = []
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, cos, sin, mask, None if prefix_kvs is None else prefix_kvs[i], cond)
+            x, kv = layer(x, cos, sin, bias, None if past_kvs is None else past_kvs[i], cond)
             kvs.append(kv)
         return self.norm(x, cond)[0], kvs
 
 
 class GemmaForCausalLM(nn.Module):
-    """The action expert's container (`gemma_expert.model`, `gemma_expert.lm_head`; the head is unused)."""
+    """The action expert's container (`gemma_expert.model`, `gemma_expert.lm_head`; the head is never used but is
+    in openpi's checkpoints, so it is here)."""
 
     def __init__(self, cfg: GemmaConfig, cond_dim: int | None = None):
         super().__init__()

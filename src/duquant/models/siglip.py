@@ -1,5 +1,11 @@
 """SigLIP vision encoder (So400m/14 at full size) with the module names of transformers' SiglipVisionModel, which
-openpi's PyTorch PaliGemma uses: `vision_tower.vision_model.{embeddings, encoder.layers.N, post_layernorm}`."""
+openpi's PyTorch PaliGemma uses: `vision_tower.vision_model.{embeddings, encoder.layers.N, post_layernorm}`.
+
+As in openpi's patched `modeling_siglip.py`: pre-LayerNorm blocks (eps 1e-6), multi-head attention with biases,
+a tanh-GELU MLP (`fc1`, `fc2`), learned position embeddings, no pooling head (PaliGemma uses every patch token).
+Pixels enter in the patch embedding's dtype; the encoder runs in its LayerNorms' dtype (openpi's bf16 recipe keeps
+the patch and position embeddings in float32 and the rest in bf16).
+"""
 
 from __future__ import annotations
 
@@ -17,8 +23,8 @@ class SiglipEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(cfg.num_patches, cfg.width)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (B, W, 16, 16)
-        x = x.flatten(2).transpose(1, 2)  # (B, 256, W)
+        x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (B, W, grid, grid)
+        x = x.flatten(2).transpose(1, 2)  # (B, N, W), row-major patches
         return x + self.position_embedding.weight[None]
 
 
@@ -32,11 +38,11 @@ class SiglipAttention(nn.Module):
         self.out_proj = nn.Linear(cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = (p(x).view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+        B, N, C = x.shape
+        q, k, v = (p(x).view(B, N, self.num_heads, C // self.num_heads).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, N, hd)
+        y = F.scaled_dot_product_attention(q, k, v)  # scale hd ** -0.5, no mask
+        return self.out_proj(y.transpose(1, 2).reshape(B, N, C))
 
 
 class SiglipMLP(nn.Module):
@@ -81,7 +87,8 @@ class SiglipVisionTransformer(nn.Module):
         self.post_layernorm = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.post_layernorm(self.encoder(self.embeddings(pixels)))
+        x = self.embeddings(pixels).to(self.post_layernorm.weight.dtype)
+        return self.post_layernorm(self.encoder(x))
 
 
 class SiglipVisionModel(nn.Module):
@@ -90,5 +97,5 @@ class SiglipVisionModel(nn.Module):
         self.vision_model = SiglipVisionTransformer(cfg)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels (B, 3, 224, 224) in [-1, 1] -> (B, 256, width)."""
+        """pixels (B, 3, H, W) in [-1, 1] -> (B, num_patches, width)."""
         return self.vision_model(pixels)
