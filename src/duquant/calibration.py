@@ -13,7 +13,7 @@ one transform, and the GPU path quantizes that input once.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -87,8 +87,6 @@ class ActivationRecorder(contextlib.AbstractContextManager):
             for i, (n, m) in enumerate(modules.items())
         }
         self._handles: list = []
-        self._last_input: dict[str, tuple] = {}
-        self._group_votes: dict[frozenset, int] = {}
         self._call_log: list[tuple[str, tuple]] = []
 
     def __enter__(self) -> ActivationRecorder:
@@ -161,9 +159,3 @@ def calibrate(model: nn.Module, modules: dict[str, nn.Linear], run: Callable[[nn
         raise RuntimeError(f"calibration never called {len(missing)} selected layer(s), e.g. {missing[:3]}; the "
                            "calibration function must run forward passes that reach every selected layer")
     return CalibrationResult(rec.stats, rec.groups(), time.perf_counter() - start)
-
-
-def iterate_with_progress(items: Iterable, total: int | None, desc: str, enable: bool = True) -> Iterable:
-    from tqdm.auto import tqdm
-
-    return tqdm(items, total=total, desc=desc, disable=not enable, leave=False)

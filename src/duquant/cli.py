@@ -69,6 +69,7 @@ def cmd_quantize(args) -> int:
 
     from duquant import workflows as wf
     from duquant.api import quantize
+    from duquant.quantizers import relative_error
 
     cfg = from_args(args)
     if cfg.dryrun:
@@ -89,7 +90,7 @@ def cmd_quantize(args) -> int:
     if ref is not None:
         with torch.no_grad():
             pred = wf.sample_actions(model, held_out)
-        result["action_rel_mse"] = wf.relative_mse(pred, ref)
+        result["action_rel_mse"] = relative_error(pred, ref)
         result["action_max_abs"] = wf.max_abs_error(pred, ref)
         print(f"action error vs float on held-out synthetic observations: rel MSE {result['action_rel_mse']:.3e}, "
               f"max abs {result['action_max_abs']:.3e}")

@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from duquant import __version__
-from duquant.api import quantize
+from duquant.api import _set_module, quantize
 from duquant.calibration import ActivationRecorder, CalibrationResult, calibrate
 from duquant.config import PRESETS, DuQuantConfig
+from duquant.quantizers import relative_error
 from duquant.selection import select_layers
 
 SCHEMA_VERSION = 1
@@ -91,13 +92,9 @@ def layer_errors(quant_model: nn.Module, originals: dict[str, nn.Module], sample
             xf = x.to(dev, float_layer.weight.dtype)
             ref = float_layer(xf).float()
             out = q_layer(xf).float()
-            errs[name] = float((out - ref).pow(2).sum() / ref.pow(2).sum().clamp(min=1e-30))
+            errs[name] = relative_error(out, ref)
     return errs
 
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
 
 
 def run_rows(model: nn.Module, *, targets: Sequence[Target], methods: Sequence[str],
@@ -149,7 +146,7 @@ def run_rows(model: nn.Module, *, targets: Sequence[Target], methods: Sequence[s
             for name, module in originals.items():
                 _set_module(model, name, module)
         pred, ref = torch.cat([o.flatten(1) for o in outs]), torch.cat([r.flatten(1) for r in refs])
-        rel_mse = float((pred.double() - ref.double()).pow(2).mean() / ref.double().pow(2).mean().clamp(min=1e-30))
+        rel_mse = relative_error(pred, ref)
         worst = sorted(lerr.items(), key=lambda kv: -kv[1])[:10]
         before = sum(_linear_bytes(m) for m in originals.values())
         after = rep.bytes_after

@@ -6,7 +6,6 @@ The engine (``duquant.api``) is model-agnostic; this module is where it meets ou
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -107,12 +106,6 @@ def sample_actions(model: nn.Module, observations: list, seed: int = 4321) -> to
     return torch.cat(out)
 
 
-def relative_mse(pred: torch.Tensor, ref: torch.Tensor) -> float:
-    num = (pred.double() - ref.double()).pow(2).mean()
-    den = ref.double().pow(2).mean().clamp(min=1e-30)
-    return float(num / den)
-
-
 def max_abs_error(pred: torch.Tensor, ref: torch.Tensor) -> float:
     return float((pred.double() - ref.double()).abs().max())
 
@@ -121,6 +114,3 @@ def default_packdir(config_name: str, cfg) -> str:
     tag = cfg.layer_hash("")[:10]
     return str(Path("duquant_packs") / f"{config_name}-{cfg.method}-{cfg.bits_label}-{tag}")
 
-
-def isfinite(x: float) -> bool:
-    return math.isfinite(x)
