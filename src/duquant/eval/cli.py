@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import sys
 
-from duquant.eval import libero as _libero
-from duquant.eval import record as _record
-from duquant.eval.libero import SUITES
+# Only the suite names at start-up: the harness needs the serve extra, imported when a command runs.
+from duquant.eval.suites import SUITES
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -38,7 +37,7 @@ def register(subparsers) -> None:
     e = sub.add_parser(
         "libero",
         help="openpi's LIBERO loop against an openpi-compatible server or in-process",
-        description=_libero.__doc__,
+        description="openpi's LIBERO loop (see docs/serving.md); resumable, parallel, one JSONL record per episode.",
     )
     _add_sim_args(e, trials_default=50)
     e.add_argument(
@@ -75,7 +74,7 @@ def register(subparsers) -> None:
         "libero",
         help="settled initial states (or a policy's requests) of LIBERO tasks, written "
         "in the calibration-file format",
-        description=_record.__doc__,
+        description="settled initial states (or a policy's requests) of LIBERO tasks, in the calibration-file format.",
     )
     _add_sim_args(rl, trials_default=5)
     rl.add_argument("--out", required=True, help="observation file to write (.safetensors or .npz)")

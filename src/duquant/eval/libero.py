@@ -36,11 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
+from duquant.eval.suites import SUITE_MAX_STEPS, SUITES  # noqa: F401  (re-exported)
 from duquant.serve import wire
 
-SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520,
-                   "libero_90": 400}  # longest training demos: 193, 254, 270, 505, 373
-SUITES = tuple(SUITE_MAX_STEPS)
 DUMMY_ACTION = [0.0] * 6 + [-1.0]
 ENV_RESOLUTION = 256  # resolution the training data was rendered at
 SIM_PACKAGES = (
