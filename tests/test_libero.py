@@ -7,12 +7,12 @@ import os
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from duquant.eval import libero as L
+from duquant.eval import work
 
 
 class FakeEnv:
@@ -136,79 +136,67 @@ def test_statistics():
     lo, hi = L.wilson(0, 1)
     assert lo == 0 and 0.79 < hi < 0.8
     d = L.paired_difference([(True, True)] * 40 + [(True, False)] * 8 + [(False, True)] * 2)
-    assert d["pairs"] == 50 and abs(d["diff"] + 0.12) < 1e-12 and d["ci95"][0] < -0.12 < d["ci95"][1] < 0
+    assert d["pairs"] == 50 and abs(d["diff"] + 0.12) < 1e-12 and d["ci95"][0] < -0.12 < d["ci95"][1]
     assert d["only_a"] == 8 and d["only_b"] == 2 and abs(d["mcnemar_p"] - 0.109375) < 1e-9
+    assert d["ci95"][1] > 0  # p = 0.11: the interval must include no difference (the Wald one did not)
 
 
 @pytest.fixture
-def fake_sim(monkeypatch):
-    class Suite:
-        n_tasks = 3
-
-        def get_task(self, i):
-            return SimpleNamespace(language=f"task number {i}", problem_folder="x", bddl_file="y")
-
-        def get_task_init_states(self, i):
-            return np.arange(5.0)[:, None]  # init state = trial index, so the fake episode knows its trial
-
+def fake_policies(monkeypatch):
+    """The stub scene (trial t of task k succeeds when (k + t) % 3 != 0 and the policy moves) with counting
+    policies: "f" moves, "q" only ever sends the dummy action, so it never succeeds."""
     policies = {}
 
+    class Still(FakePolicy):
+        def infer(self, element):
+            self.calls.append(element)
+            return {"actions": np.tile(np.array(L.DUMMY_ACTION), (10, 1))}
+
     def make_policy(spec, timeout=0):
-        policies.setdefault(spec, FakePolicy())
-        return policies[spec]
+        return policies.setdefault(spec, FakePolicy() if spec == "f" else Still())
 
-    monkeypatch.setattr(L, "load_suite", lambda name: Suite())
-    monkeypatch.setattr(L, "simulator_versions", lambda: {"fake": "1"})
-    # trials 0 and 2 succeed, except trial 2 of policy "q"
-    monkeypatch.setattr(L, "make_env", lambda task, res, seed: FakeEnv())
-    monkeypatch.setattr(L, "make_policy", make_policy)
-
-    def run_episode(env, policy, init_state, prompt, cfg, keep_frames=False, on_query=None):
-        policy.infer({})
-        trial = int(init_state[0])
-        ok = trial in (0, 2) and not (trial == 2 and policy is policies.get("q"))
-        return L.EpisodeResult(ok, 3, 13, 1, 0.01)
-
-    monkeypatch.setattr(L, "run_episode", run_episode)
+    monkeypatch.setattr(work, "make_policy", make_policy)
     return policies
 
 
-def test_evaluate_records_resumes_and_compares(fake_sim, tmp_path):
+def test_evaluate_records_resumes_and_compares(fake_policies, tmp_path):
     cfg = L.EvalConfig(policy="f", compare="q", labels=("float", "quantized"), trials=4, tasks=(0, 2),
-                       out=str(tmp_path / "run"), progress=False)
+                       out=str(tmp_path / "run"), progress=False, simulator="stub", max_steps=20)
     summary = L.evaluate(cfg)
     recs = L.read_records(tmp_path / "run" / "episodes.jsonl")
-    assert len(recs) == 16 and len(fake_sim["f"].calls) == 8 and len(fake_sim["q"].calls) == 8
+    assert len(recs) == 16 and len(fake_policies["f"].calls) > 8 and len(fake_policies["q"].calls) == 8 * 4
     r = recs[0]
-    for key in (
-        "suite",
-        "task",
-        "task_id",
-        "trial",
-        "seed",
-        "success",
-        "steps",
-        "wall_s",
-        "versions",
-        "policy",
-    ):
+    for key in ("suite", "task", "task_id", "trial", "seed", "success", "steps", "queries", "wall_s", "versions",
+                "policy"):
         assert key in r
     s = summary["suites"]["libero_spatial"]
-    assert s["policies"]["float"]["successes"] == 4 and s["policies"]["quantized"]["successes"] == 2
-    assert s["compare"]["pairs"] == 8 and s["compare"]["diff"] == -0.25 and s["compare"]["only_a"] == 2
+    # float: task 0 trials 1, 2 and task 2 trials 0, 2, 3 succeed ((k + t) % 3 != 0); quantized never does
+    assert s["policies"]["float"]["successes"] == 5 and s["policies"]["quantized"]["successes"] == 0
+    assert s["compare"]["pairs"] == 8 and s["compare"]["diff"] == -5 / 8 and s["compare"]["only_a"] == 5
+    assert s["compare"]["ci_method"].startswith("Newcombe")
     md = (tmp_path / "run" / "summary.md").read_text()
-    assert "| 0: task number 0 | 2/4 (50.0%) | 1/4 (25.0%) |" in md and "quantized - float" in md
+    assert "| 0: stub task 0 | 2/4 (50.0%) | 0/4 (0.0%) |" in md and "quantized - float" in md
+    assert list(s["policies"]) == ["float", "quantized"]  # columns in command-line order
 
     # a rerun runs nothing; a cut last line is tolerated; a bigger --trials runs only the new episodes
+    calls = len(fake_policies["q"].calls)
     with open(tmp_path / "run" / "episodes.jsonl", "a") as f:
         f.write('{"policy": "float", "suite"')
     L.evaluate(cfg)
-    assert len(fake_sim["f"].calls) == 8
+    assert len(fake_policies["q"].calls) == calls
     L.evaluate(L.EvalConfig(**{**cfg.__dict__, "trials": 5}))
-    assert len(fake_sim["f"].calls) == 10
+    assert len(fake_policies["q"].calls) == calls + 2 * 4  # trial 4 of tasks 0 and 2, 4 queries each
     assert len(L.read_records(tmp_path / "run" / "episodes.jsonl")) == 20
     with pytest.raises(L.RunMismatch):
         L.evaluate(L.EvalConfig(**{**cfg.__dict__, "seed": 8}))
+
+
+def test_compare_columns_follow_the_command_line(tmp_path):
+    recs = [{"policy": p, "suite": "libero_spatial", "task_id": 0, "task": "t", "trial": 0, "success": s}
+            for p, s in (("quantized", False), ("float", True))]  # the second policy finished first
+    summary = L.summarize(recs, ("float", "quantized"), order=("float", "quantized"))
+    assert list(summary["suites"]["libero_spatial"]["policies"]) == ["float", "quantized"]
+    assert "| task | float | quantized |" in L.summary_markdown(summary)
 
 
 # ---- the real simulator ------------------------------------------------------------------------------------

@@ -20,15 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from duquant.eval.libero import (
-    DUMMY_ACTION,
-    EvalConfig,
-    libero_element,
-    load_suite,
-    make_env,
-    make_policy,
-    run_episode,
-)
+from duquant.eval.config import EvalConfig
+from duquant.eval.policies import make_policy
+from duquant.eval.sim import DUMMY_ACTION, libero_element, load_suite, make_env, run_episode
 
 
 def record_requests(cfg: EvalConfig, policy_spec: str | None = None, queries: int = 1, progress: bool = True
