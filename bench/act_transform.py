@@ -1,0 +1,336 @@
+"""DuQuant activation transform (smooth -> R1 -> zigzag permutation -> R2 -> per-token asymmetric int8) on pi0's
+activation shapes: the block-tile kernel (kernels/triton_act_tile.py) against today's fused kernel
+(kernels/triton_act.py) and the naive torch version under torch.compile, and against the memory floor.
+
+    PYTHONPATH=src python3 bench/act_transform.py [--out DIR] [--quick] [--no-compile] [--shapes 816x2048,51x1024]
+
+- Correctness first, on fresh random inputs with outlier channels (bf16), against the eager spec
+  ``reference.act_quant`` on the CPU, outputs poisoned before each call: every kernel variant that is timed is
+  also checked (codes, scales, zero points, row sums; tolerances of docs/gpu.md per rotation precision).
+- Times: median of CUDA-graph replays (20 calls per graph), input L2-hot as in a model.
+- Floor: (2 B read + 1 B written per element + 12 B per token) at the device copy bandwidth measured here.
+- Writes act_transform.{json,md} to --out (default $OUT). Exits 1 if any correctness check failed, 2 if it
+  cannot run (no CUDA / triton).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+SHAPES = [(816, 2048), (816, 16384), (51, 1024), (51, 4096), (768, 1152), (768, 4304)]
+TARGETS = {(816, 2048): ("x floor", 3.0), (816, 16384): ("x floor", 3.0), (51, 1024): ("us", 5.0),
+           (51, 4096): ("us", 5.0)}
+# max |code - spec|, share of codes differing, per-token scale rel. error (docs/gpu.md, tests/test_kernels.py)
+TOLERANCE = {"ieee": (1, 1e-4, 1e-5), "tf32": (2, 0.1, 5e-3), "fp16": (2, 0.1, 5e-3), "bf16": (8, 0.5, 5e-2)}
+
+
+def time_graph(fn, calls: int = 20, iters: int = 15) -> float:
+    """Median µs per call of fn, from replays of one CUDA graph holding `calls` calls (captured after a warm-up)."""
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000.0 / calls)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 512 MB device-to-device copy (bytes read + written)."""
+    a = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    t = time_graph(lambda: b.copy_(a), calls=5)
+    return 2 * 512 * 2**20 / (t * 1e-6) / 1e9
+
+
+def naive_act(x, smooth, rot1, perm, rot2, clip: float):
+    """The transform + quantization in plain torch ops (the torch.compile baseline): codes - 128, scale, zero - 128."""
+    m, k = x.shape
+    bs = rot1.shape[-1]
+    y = x.float() / smooth
+    y = (y.reshape(m, k // bs, bs) @ rot1).reshape(m, k)
+    y = y[:, perm]
+    y = (y.reshape(m, k // bs, bs) @ rot2).reshape(m, k)
+    mn = y.amin(-1, keepdim=True) * clip
+    mx = y.amax(-1, keepdim=True) * clip
+    scale = ((mx - mn) / 255.0).clamp(1e-8, 1e8)
+    zero = torch.round(-mn / scale)
+    q = torch.clamp(torch.round(y / scale) + zero, 0, 255) - 128
+    return q.to(torch.int8), scale.reshape(-1), (zero - 128).reshape(-1)
+
+
+def check(name, got, ref, precision, failures, k_codes=None) -> dict:
+    """Compare (codes, scale, zero[, rowsum]) with the spec; record a failure with its numbers."""
+    codes, sx, zx = got[0], got[1], got[2]
+    rc, rsx, rzx = ref
+    max_d, max_rate, rtol = TOLERANCE[precision]
+    codes = codes[:, :k_codes] if k_codes else codes
+    d = (codes.int() - rc.int()).abs()
+    rec = {"max |dcode|": int(d.max()), "codes differing": float((d > 0).float().mean()),
+           "scale rel": float(((sx - rsx) / rsx).abs().max()),
+           "zero |d|": float((zx - rzx).abs().max()) if zx is not None else 0.0}
+    ok = (rec["max |dcode|"] <= max_d and rec["codes differing"] <= max_rate and rec["scale rel"] <= rtol
+          and rec["zero |d|"] <= max_d and bool(torch.isfinite(sx).all()))
+    if len(got) > 3 and got[3] is not None:
+        rs_ok = torch.equal(got[3], got[0].int().sum(-1, dtype=torch.int32))
+        rec["rowsum ok"] = bool(rs_ok)
+        ok = ok and rs_ok
+    rec["ok"] = bool(ok)
+    if not ok:
+        failures.append(f"{name}: {rec}")
+        print("CHECK FAILED", name, rec, flush=True)
+    return rec
+
+
+def poisoned(m, kc, device, symmetric=False):
+    return (torch.full((m, kc), 77, dtype=torch.int8, device=device), torch.full((m,), float("nan"), device=device),
+            None if symmetric else torch.full((m,), float("nan"), device=device),
+            torch.full((m,), -7, dtype=torch.int32, device=device))
+
+
+def poison_allocator(nbytes: int, device="cuda") -> None:
+    """Fill the caching allocator's free blocks with garbage, so outputs allocated by torch.empty start dirty."""
+    t = torch.full((nbytes,), 0x5A, dtype=torch.uint8, device=device)
+    del t
+
+
+def tile_configs(m: int, k: int, quick: bool) -> list[dict]:
+    from duquant.kernels.triton_act_tile import default_config
+
+    nbp = 1 << max(0, (-(-k // 128) - 1).bit_length())
+    br0, w0, p0 = default_config(m, k)
+    cfgs = [dict(block_tokens=br0, num_warps=w0, perm_mode=p0, precision="fp16")]
+    if quick:
+        return cfgs + [dict(block_tokens=br0, num_warps=w0, perm_mode=1 - p0, precision="fp16")]
+    rows_opts = sorted({max(16, 16 // nbp * nbp), 32, 64, 128})
+    for rows in rows_opts:
+        br = max(1, rows // nbp)
+        if br * nbp < 16 or br * nbp > 256:
+            continue
+        for warps in (4, 8):
+            for pm in (0, 1):
+                c = dict(block_tokens=br, num_warps=warps, perm_mode=pm, precision="fp16")
+                if c not in cfgs:
+                    cfgs.append(c)
+    cfgs.append(dict(block_tokens=br0, num_warps=w0, perm_mode=p0, precision="bf16"))
+    cfgs.append(dict(block_tokens=br0, num_warps=w0, perm_mode=p0, precision="tf32"))
+    return cfgs
+
+
+def cfg_name(c: dict) -> str:
+    pm = {0: "scratch", 1: "gather"}[int(c["perm_mode"])]
+    extra = f",prog={c['programs']}" if c.get("programs") else ""
+    return f"tile {c['precision']} BR={c['block_tokens']},w={c['num_warps']},{pm}{extra}"
+
+
+def run_shape(m, k, transform, bw, args, failures) -> list[dict]:
+    from duquant.kernels import reference
+    from duquant.kernels.synthetic import random_activations
+    from duquant.kernels.triton_act import act_quant, build_act_plan
+    from duquant.kernels.triton_act_tile import act_quant_tile
+
+    dev = args.device
+    plan = build_act_plan(transform, k, dev)
+    assert plan.fused, plan.reason
+    floor = (m * k * 3 + m * 12) / (bw * 1e9) * 1e6
+    rows = []
+    # fresh inputs for the checks (seeded per shape, outlier channels), the spec on the CPU in float32
+    x = random_activations(m, k, seed=1000 + m + k, dtype=torch.bfloat16, device=dev)
+    ref = reference.act_quant(x.cpu(), transform, 8, False, 0.9)
+    ref = tuple(t.to(dev) for t in ref)
+    ref_split = reference.split_int4_order(ref[0])
+
+    def record(variant, fn, check_fn):
+        row = {"M": m, "K": k, "variant": variant, "floor us": floor}
+        try:
+            row.update(check_fn())
+            if row.get("ok") and dev == "cuda":
+                t = time_graph(fn)
+                row.update({"us": t, "x floor": t / floor})
+        except Exception as e:  # noqa: BLE001  (a variant that cannot compile / run is a failure to report)
+            row.update({"ok": False, "error": repr(e)[:300]})
+            failures.append(f"{m}x{k} {variant}: {repr(e)[:300]}")
+            traceback.print_exc()
+        rows.append(row)
+        print({kk: (float(f"{v:.4g}") if isinstance(v, float) else v) for kk, v in row.items()}, flush=True)
+
+    # today's fused kernel (tf32 rotations, its default launch configuration)
+    def old_check():
+        poison_allocator(m * k * 4, dev)
+        return check(f"{m}x{k} old", act_quant(x, plan, clip=0.9), ref, "tf32", failures)
+
+    if dev == "cuda":  # (its interpreter run is tests/test_kernels.py's)
+        record("old fused (tf32)", lambda: act_quant(x, plan, clip=0.9), old_check)
+
+    # the block-tile kernel, each configuration checked before it is timed
+    outs = poisoned(m, k, dev)
+    for c in tile_configs(m, k, args.quick):
+        if dev == "cpu" and c["precision"] in ("bf16", "tf32"):  # the interpreter's bf16 dot is wrong; tf32 = ieee
+            continue
+        def tile_check(c=c):
+            got = act_quant_tile(x, plan, clip=0.9, out=poisoned(m, k, dev), **c)
+            rec = check(f"{m}x{k} {cfg_name(c)}", got, ref, c["precision"], failures)
+            got_s = act_quant_tile(x, plan, clip=0.9, layout="split", out=poisoned(m, 2 * (-(-k // 2)), dev),
+                                   **c)
+            rec_s = check(f"{m}x{k} {cfg_name(c)} split", (got_s[0],) + tuple(got_s[1:]), (ref_split,) + ref[1:],
+                          c["precision"], failures)
+            rec["ok"] = rec["ok"] and rec_s["ok"]
+            return rec
+
+        record(cfg_name(c), lambda c=c: act_quant_tile(x, plan, clip=0.9, out=outs, **c), tile_check)
+
+    if not args.no_compile:
+        t = transform.to(dev)
+        smooth = t.smooth.float() if t.smooth is not None else torch.ones(k, device=dev)
+        r1, r2 = t.rot1[0].float(), t.rot2[0].float()
+        perm = t.perm
+        kfull = k // 128 * 128
+        if kfull == k:
+            fn = torch.compile(naive_act, dynamic=False)
+
+            def comp_check():
+                got = fn(x, smooth, r1, perm, r2, 0.9)
+                return check(f"{m}x{k} torch.compile", got, ref, "tf32", failures)
+
+            record("torch.compile naive", lambda: fn(x, smooth, r1, perm, r2, 0.9), comp_check)
+    return rows
+
+
+def summarize(rows) -> list[dict]:
+    out = []
+    for m, k in {(r["M"], r["K"]): None for r in rows}:
+        rs = [r for r in rows if r["M"] == m and r["K"] == k and r.get("ok") and "us" in r]
+        if not rs:
+            continue
+        tiles = [r for r in rs if r["variant"].startswith("tile fp16")]
+        best = min(tiles, key=lambda r: r["us"]) if tiles else None
+        default = tiles[0] if tiles else None
+
+        def us(prefix, rs=rs):
+            got = [r["us"] for r in rs if r["variant"].startswith(prefix)]
+            return got[0] if got else None
+
+        s = {"M": m, "K": k, "floor us": rs[0]["floor us"], "old us": us("old"),
+             "torch.compile us": us("torch.compile"), "tile default us": default and default["us"],
+             "tile best us": best and best["us"], "tile best": best and best["variant"]}
+        if best:
+            s["best x floor"] = best["us"] / s["floor us"]
+            tgt = TARGETS.get((m, k))
+            if tgt:
+                s["target"] = f"<= {tgt[1]:g} {tgt[0]}"
+                s["met"] = bool((s["best x floor"] if tgt[0] == "x floor" else best["us"]) <= tgt[1])
+        out.append(s)
+    return out
+
+
+def table(rows, cols) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            cells.append("" if v is None else (f"{v:.2f}" if abs(v) >= 1 else f"{v:.2g}") if isinstance(v, float)
+                         else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _patch_interpreter() -> None:
+    """numpy >= 2.4 refuses int() of a 1-element array, which the interpreter's loop bounds need."""
+    import triton.runtime.interpreter as interp
+
+    orig = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patched
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    p.add_argument("--quick", action="store_true", help="default configuration and the other permutation mode only")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--shapes", default="", help="e.g. 816x2048,51x1024 (default: all six)")
+    p.add_argument("--device", default="cuda", help="cpu: checks only, under TRITON_INTERPRET=1 (no timing)")
+    args = p.parse_args()
+    if args.device == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            print("act_transform: --device cpu needs TRITON_INTERPRET=1", file=sys.stderr)
+            return 2
+        _patch_interpreter()
+    elif not torch.cuda.is_available():
+        print("act_transform: no CUDA device; this benchmark measures GPU kernels", file=sys.stderr)
+        return 2
+    try:
+        import triton
+    except ImportError:
+        print("act_transform: triton is not installed", file=sys.stderr)
+        return 2
+    from duquant.kernels.synthetic import random_transform
+
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s] or SHAPES
+    torch.manual_seed(0)
+    bw = copy_bandwidth() if args.device == "cuda" else float("nan")
+    print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
+    failures: list[str] = []
+    rows: list[dict] = []
+    transforms = {}
+    for m, k in shapes:
+        if k not in transforms:  # a real DuQuant transform (greedy rotations, zigzag), calibrated on random outliers
+            transforms[k] = random_transform(k, "duquant", 128, seed=k, steps=4)
+        rows += run_shape(m, k, transforms[k], bw, args, failures)
+    summary = summarize(rows)
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter, no timing)"
+    env = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
+           "cuda": torch.version.cuda, "python": platform.python_version(), "copy GB/s": bw,
+           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    md = (f"DuQuant activation transform, {env['gpu']}, torch {env['torch']}, triton {env['triton']}, {env['date']}. "
+          f"Copy bandwidth {bw:.0f} GB/s; floor = (2 B + 1 B per element + 12 B per token) at that bandwidth. "
+          "µs per call, CUDA-graph replays, input L2-hot.\n\n"
+          + table(summary, ["M", "K", "floor us", "old us", "torch.compile us", "tile default us", "tile best us",
+                            "best x floor", "target", "met", "tile best"])
+          + "\n## Every variant\n\n"
+          + table(rows, ["M", "K", "variant", "us", "x floor", "max |dcode|", "codes differing", "scale rel", "ok"]))
+    if failures:
+        md += "\n## FAILED CHECKS\n\n" + "\n".join(f"- {f}" for f in failures) + "\n"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "act_transform.json").write_text(json.dumps({"env": env, "summary": summary, "rows": rows,
+                                                        "failures": failures}, indent=1))
+    (out / "act_transform.md").write_text(md)
+    print(md)
+    if failures:
+        print(f"{len(failures)} correctness check(s) FAILED", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

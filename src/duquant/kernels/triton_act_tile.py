@@ -1,0 +1,312 @@
+"""DuQuant activation transform, "block tile" kernel (Triton): smooth -> R1 -> permutation -> R2 -> per-token
+int8 codes + scale (+ zero) + code sum, one launch, one read of x and one write of the codes.
+
+Why this layout. A program owns BR whole tokens and holds them as a [BR * NBP, BS] tile whose row r is (token
+r // NBP, block r % NBP): the tile is loaded straight from x in that shape (each row 128 contiguous channels,
+coalesced), so both rotations are one tensor-core ``tl.dot`` of the tile with the shared 128 x 128 matrix and no
+register reshape sits between the load, the dots and the stores (today's ``triton_act`` reshapes [BM, K] <->
+[BM * NB, BS] four times per tile and keeps both float32 matrices in registers). The permutation moves channels
+between blocks, so it needs the whole token: the tile row (t, j) of the permuted tensor gathers channels
+``perm[j * BS : (j + 1) * BS]`` of token t. Two ways, picked by ``PERM_MODE`` (the H100 decides:
+bench/act_transform.py):
+
+- 0 ``scratch``: the rotated tile goes to a per-program scratch row in global memory (L1/L2-resident, in the dot's
+  input dtype: 2 bytes per element for fp16/bf16) and comes back through gather addresses;
+- 1 ``gather``: ``tl.gather`` on the flattened tile (Triton lowers a cross-warp gather through shared memory).
+
+Rotation precision (``precision``), all with float32 accumulation:
+
+- ``fp16`` (default): operands in fp16 after scaling each token by a power of two that puts its max |x / s| in
+  [2^11, 2^12) (exact, undone exactly after R2). Rotated values stay below 2^11 * sqrt(128) < 65504, and fp16's
+  11-bit significand rounds the operands like tf32 does, at twice tf32's tensor-core rate and half its bytes.
+- ``bf16``: 8-bit significand, no scaling (more code flips, docs/gpu.md).
+- ``tf32`` / ``ieee``: float32 operands (``ieee`` is float32-faithful; for tests).
+
+Quantization numerics are ``reference.act_quant``'s (IEEE div_rn, round half to even), as in ``triton_act``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from duquant.kernels.triton_act import ActPlan, _max_programs, _next_pow2, _rint, libdevice
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+DOT_IEEE, DOT_TF32, DOT_BF16, DOT_FP16 = 0, 1, 2, 3
+PRECISIONS = {"ieee": DOT_IEEE, "tf32": DOT_TF32, "bf16": DOT_BF16, "fp16": DOT_FP16}
+PERM_MODES = {"scratch": 0, "gather": 1}
+
+
+@triton.jit
+def _dot(a, m, DOT: tl.constexpr):
+    if DOT == 0:
+        y = tl.dot(a, m, input_precision="ieee")
+    elif DOT == 1:
+        y = tl.dot(a, m, input_precision="tf32")
+    else:
+        y = tl.dot(a, m)
+    return y
+
+
+@triton.jit
+def _rotate(a, m0, m1, is_last, TWO: tl.constexpr, DOT: tl.constexpr):
+    """Each tile row (one block of one token) times the shared matrix; the narrower last block gets its own."""
+    y = _dot(a, m0, DOT)
+    if TWO:
+        y = tl.where(is_last[:, None], _dot(a, m1, DOT), y)
+    return y
+
+
+@triton.jit
+def _load_matrix(r_ptr, BS: tl.constexpr, TWO: tl.constexpr):
+    kk = tl.arange(0, BS)
+    m0 = tl.load(r_ptr + kk[:, None] * BS + kk[None, :])
+    if TWO:
+        m1 = tl.load(r_ptr + BS * BS + kk[:, None] * BS + kk[None, :])
+    else:
+        m1 = m0
+    return m0, m1
+
+
+@triton.jit
+def _per_token(v, BR: tl.constexpr, NBP: tl.constexpr, OP: tl.constexpr):
+    """[BR * NBP] per-tile-row partials -> [BR] per token (OP 0 max, 1 min, 2 sum)."""
+    v2 = tl.reshape(v, (BR, NBP))
+    if OP == 0:
+        out = tl.max(v2, axis=1)
+    elif OP == 1:
+        out = tl.min(v2, axis=1)
+    else:
+        out = tl.sum(v2, axis=1)
+    return out
+
+
+@triton.jit
+def _to_rows(v, BR: tl.constexpr, NBP: tl.constexpr):
+    """[BR] per token -> [BR * NBP] per tile row."""
+    return tl.reshape(tl.broadcast_to(v[:, None], (BR, NBP)), (BR * NBP,))
+
+
+@triton.jit
+def _tile_act_kernel(
+    x_ptr, stride_xm, M, K, num_tiles,
+    inv_s_ptr, r1_ptr, r2_ptr, perm_ptr, dest_ptr, scratch_ptr,
+    codes_ptr, stride_cm, scale_ptr, zero_ptr, rowsum_ptr,
+    clip, last_block,
+    BR: tl.constexpr, NBP: tl.constexpr, BS: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, HAS_R1: tl.constexpr, R1_TWO: tl.constexpr, HAS_PERM: tl.constexpr,
+    HAS_R2: tl.constexpr, R2_TWO: tl.constexpr, SYMMETRIC: tl.constexpr, DOT: tl.constexpr,
+    PERM_MODE: tl.constexpr, EXACT_DIV: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+):
+    R: tl.constexpr = BR * NBP
+    KP: tl.constexpr = NBP * BS
+    PRESCALE: tl.constexpr = DOT == 3 and (HAS_R1 or HAS_R2)
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    r = tl.arange(0, R)
+    i = tl.arange(0, BS)
+    tok_in_tile = r // NBP
+    blk = r % NBP
+    chan = blk[:, None] * BS + i[None, :]  # channel of tile element (r, i): input order and output order alike
+    valid = chan < K
+    is_last = blk == last_block
+    if HAS_R1:  # once per program; the tile loop reuses them
+        a0, a1 = _load_matrix(r1_ptr, BS, R1_TWO)
+    if HAS_R2:
+        b0, b1 = _load_matrix(r2_ptr, BS, R2_TWO)
+    for tile in range(pid, num_tiles, nprog):
+        tok = tile * BR + tok_in_tile
+        tmask = tok < M
+        x = tl.load(x_ptr + tok[:, None].to(tl.int64) * stride_xm + chan, mask=tmask[:, None] & valid,
+                    other=0.0).to(tl.float32)
+        if HAS_SMOOTH:
+            x = x * tl.load(inv_s_ptr + chan)  # [KP] table, zero beyond K
+        if PRESCALE:  # power of two per token: exact, keeps fp16 operands in range (module docstring)
+            amax = _per_token(tl.max(tl.abs(x), axis=1), BR, NBP, 0)
+            e = tl.floor(tl.log2(tl.maximum(amax, 1e-30)))
+            f = _to_rows(tl.exp2(11.0 - e), BR, NBP)
+            x = x * f[:, None]
+        y = x
+        if HAS_R1:
+            if DOT >= 2:
+                y = y.to(a0.dtype)
+            y = _rotate(y, a0, a1, is_last, R1_TWO, DOT)
+        if HAS_PERM:
+            if DOT >= 2:  # the scratch row / gather in the operand dtype: half the bytes of float32
+                if HAS_R2:
+                    y = y.to(b0.dtype)
+                elif HAS_R1:
+                    y = y.to(a0.dtype)
+            src = tok_in_tile[:, None] * KP + tl.load(perm_ptr + chan)  # x_new[:, c] = x[:, perm[c]]
+            if PERM_MODE == 0:
+                base = scratch_ptr + pid.to(tl.int64) * (R * BS)
+                tl.debug_barrier()  # the previous tile's gathers are done before this tile overwrites the row
+                tl.store(base + r[:, None] * BS + i[None, :], y)
+                tl.debug_barrier()
+                y = tl.load(base + src)
+            else:
+                y = tl.reshape(tl.gather(tl.reshape(y, (R * BS,)), tl.reshape(src, (R * BS,)), 0), (R, BS))
+        if HAS_R2:
+            if DOT >= 2:
+                y = y.to(b0.dtype)
+            y = _rotate(y, b0, b1, is_last, R2_TWO, DOT)
+        y = y.to(tl.float32)
+        if PRESCALE:
+            y = y * (1.0 / f)[:, None]  # exact: f is a power of two
+
+        if SYMMETRIC:
+            amax = _per_token(tl.max(tl.where(valid, tl.abs(y), 0.0), axis=1), BR, NBP, 0)
+            scale = tl.div_rn(amax * clip, 127.0)
+            scale = tl.minimum(tl.maximum(scale, 1e-8), 1e8)
+        else:
+            mn = _per_token(tl.min(tl.where(valid, y, float("inf")), axis=1), BR, NBP, 1) * clip
+            mx = _per_token(tl.max(tl.where(valid, y, float("-inf")), axis=1), BR, NBP, 0) * clip
+            scale = tl.div_rn(mx - mn, 255.0)
+            scale = tl.minimum(tl.maximum(scale, 1e-8), 1e8)
+            zero = _rint(tl.div_rn(-mn, scale), USE_LIBDEVICE)
+        scale_r = _to_rows(scale, BR, NBP)
+        if EXACT_DIV:
+            v = tl.div_rn(y, scale_r[:, None])
+        else:
+            v = y * tl.div_rn(1.0, scale_r)[:, None]
+        q = _rint(v, USE_LIBDEVICE)
+        if SYMMETRIC:
+            q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+        else:
+            q = tl.minimum(tl.maximum(q + _to_rows(zero, BR, NBP)[:, None], 0.0), 255.0) - 128.0
+        qi = q.to(tl.int32)
+        dest = tl.load(dest_ptr + chan)  # natural or split column of each channel, -1 beyond K
+        smask = tmask[:, None] & (dest >= 0)
+        tl.store(codes_ptr + tok[:, None].to(tl.int64) * stride_cm + dest, qi.to(tl.int8), mask=smask)
+        toks = tile * BR + tl.arange(0, BR)
+        tm = toks < M
+        tl.store(scale_ptr + toks, scale, mask=tm)
+        if not SYMMETRIC:
+            tl.store(zero_ptr + toks, zero - 128.0, mask=tm)
+        tl.store(rowsum_ptr + toks, _per_token(tl.sum(tl.where(smask, qi, 0), axis=1), BR, NBP, 2), mask=tm)
+
+
+# ---- host side ----------------------------------------------------------------------------------------------------
+
+def _matrices(plan: ActPlan, name: str, precision: str) -> torch.Tensor | None:
+    """plan.r1 / plan.r2 in the dot's operand dtype, cached on the plan (fp16 / bf16 copies are 32 KB each)."""
+    mats = getattr(plan, name)
+    if mats is None:
+        return None
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    cache = plan.__dict__.setdefault("_tile_mats", {})
+    key = (name, dtype)
+    if key not in cache:
+        cache[key] = mats.to(dtype).contiguous()
+    return cache[key]
+
+
+def default_config(m: int, k: int, bs: int = 128) -> tuple[int, int, int]:
+    """(BR tokens per tile, num_warps, PERM_MODE) before tuning on the H100: tiles of 64 rows (16 at small M,
+    the tl.dot minimum), 8 warps from 64 rows up. DUQUANT_ACT_TILE="BR,WARPS,PERM" overrides."""
+    env = os.environ.get("DUQUANT_ACT_TILE")
+    if env:
+        a, b, c = (int(v) for v in env.split(","))
+        return a, b, c
+    nbp = _next_pow2(-(-k // bs))
+    rows = 64 if m >= 256 else 16
+    br = max(1, rows // nbp, 16 // nbp)
+    warps = 8 if br * nbp >= 64 else 4
+    return br, warps, 0
+
+
+def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, clip: float = 1.0,
+                   layout: str = "natural", precision: str = "fp16", exact_div: bool = True,
+                   block_tokens: int | None = None, num_warps: int | None = None, perm_mode: str | int | None = None,
+                   programs: int | None = None, out: tuple | None = None):
+    """Same contract as ``triton_act.act_quant``: x [M, K] -> (codes int8 [M, Kc], scale f32 [M], zero f32 [M] |
+    None, rowsum int32 [M]). ``out`` = preallocated (codes, scale, zero, rowsum) to write into (CUDA graphs,
+    poisoned-output checks)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} not in {list(PRECISIONS)}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    if k != plan.K:
+        raise ValueError(f"activation kernel built for K={plan.K}, got input with {k} channels")
+    if not plan.fused:
+        raise ValueError(f"this transform cannot run in the tile kernel: {plan.reason}")
+    bs = plan.BS
+    kc = k if layout == "natural" else 2 * (-(-k // 2))
+    dev = x.device
+    if out is not None:
+        codes, scale, zero, rowsum = out
+        if kc != k:
+            codes[:, k:] = 0  # the split layout's pad column (odd K)
+    else:
+        codes = torch.empty(m, kc, dtype=torch.int8, device=dev) if kc == k else \
+            torch.zeros(m, kc, dtype=torch.int8, device=dev)
+        scale = torch.empty(m, dtype=torch.float32, device=dev)
+        zero = None if symmetric else torch.empty(m, dtype=torch.float32, device=dev)
+        rowsum = torch.empty(m, dtype=torch.int32, device=dev)
+    if m == 0:
+        return codes, scale, zero, rowsum
+    br, warps, pmode = default_config(m, k, bs)
+    br = block_tokens or br
+    warps = num_warps or warps
+    if perm_mode is not None:
+        pmode = PERM_MODES[perm_mode] if isinstance(perm_mode, str) else int(perm_mode)
+    nbp = _next_pow2(-(-k // bs))
+    if br * nbp < 16:
+        raise ValueError(f"a tile needs >= 16 rows for tl.dot: BR={br} x {nbp} blocks")
+    flags = dict(HAS_SMOOTH=plan.inv_smooth is not None, HAS_R1=plan.r1 is not None,
+                 R1_TWO=plan.r1 is not None and plan.r1.shape[0] == 2, HAS_PERM=plan.perm_fwd is not None,
+                 HAS_R2=plan.r2 is not None, R2_TWO=plan.r2 is not None and plan.r2.shape[0] == 2)
+    r1 = _matrices(plan, "r1", precision)
+    r2 = _matrices(plan, "r2", precision)
+    num_tiles = triton.cdiv(m, br)
+    nprog = min(num_tiles, programs or _max_programs(dev))
+    if flags["HAS_PERM"] and pmode == 0:
+        sdtype = r2.dtype if r2 is not None else (r1.dtype if r1 is not None else torch.float32)
+        scratch = torch.empty(nprog * br * nbp * bs, dtype=sdtype, device=dev)
+    else:
+        scratch = scale
+    dummy = plan.dest_natural
+    tables = _tables(plan, nbp * bs)
+    _tile_act_kernel[(nprog,)](
+        x, x.stride(0), m, k, num_tiles,
+        tables["inv_s"] if flags["HAS_SMOOTH"] else dummy,
+        r1 if r1 is not None else dummy, r2 if r2 is not None else dummy,
+        tables["perm"] if flags["HAS_PERM"] else dummy,
+        tables["dest_" + layout], scratch,
+        codes, codes.stride(0), scale, zero if zero is not None else scale, rowsum,
+        float(clip), int(plan.last_block),
+        BR=br, NBP=nbp, BS=bs, SYMMETRIC=bool(symmetric), DOT=PRECISIONS[precision], PERM_MODE=pmode,
+        EXACT_DIV=bool(exact_div), USE_LIBDEVICE=not _INTERPRET and libdevice is not None,
+        num_warps=warps, **flags,
+    )
+    return codes, scale, zero, rowsum
+
+
+def _tables(plan: ActPlan, width: int) -> dict:
+    """The plan's per-channel tables padded to `width` = NBP * BS (the tile's channel span), cached on the plan."""
+    cache = plan.__dict__.setdefault("_tile_tables", {})
+    if width in cache:
+        return cache[width]
+    dev = plan.dest_natural.device
+
+    def pad(t, fill, dtype):
+        out = torch.full((width,), fill, dtype=dtype, device=dev)
+        n = min(width, t.numel())
+        out[:n] = t[:n]
+        return out
+
+    ar = torch.arange(width, dtype=torch.int32, device=dev)
+    tables = {
+        "inv_s": None if plan.inv_smooth is None else pad(plan.inv_smooth[:plan.K], 0.0, torch.float32),
+        "perm": None if plan.perm_fwd is None else torch.where(ar < plan.K, pad(plan.perm_fwd, 0, torch.int32), ar),
+        "dest_natural": pad(plan.dest_natural[:plan.K], -1, torch.int32),
+        "dest_split": pad(plan.dest_split[:plan.K], -1, torch.int32),
+    }
+    cache[width] = tables
+    return tables

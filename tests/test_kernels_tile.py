@@ -1,0 +1,81 @@
+"""The block-tile activation kernel (kernels/triton_act_tile.py) under the Triton interpreter (CPU), against the
+eager spec ``reference.act_quant``; skipped when triton is not installed. GPU agreement: bench/act_transform.py."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+_SCRIPT = textwrap.dedent("""
+    import os, torch
+    os.environ["TRITON_INTERPRET"] = "1"
+    import triton.runtime.interpreter as interp
+    _orig = interp._patch_lang_tensor
+
+    def _patched(tensor, scope):  # numpy >= 2.4 refuses int() of a 1-element array (loop bounds)
+        _orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = _patched
+    from duquant.kernels import reference
+    from duquant.kernels.synthetic import random_activations, random_group
+    from duquant.kernels.triton_act import build_act_plan
+    from duquant.kernels.triton_act_tile import act_quant_tile
+
+    CASES = [  # k, block, method, act symmetric, layout, precision, perm mode, tokens per tile
+        (96, 32, "duquant", False, "natural", "ieee", "scratch", None),  # 5 tiles on 4 programs: scratch reuse
+        (96, 32, "duquant", False, "split", "fp16", "gather", 8),
+        (300, 64, "duquant", False, "split", "ieee", "gather", 4),     # partial last block: its own matrices
+        (300, 64, "duquant", True, "natural", "fp16", "scratch", None),
+        (77, 16, "duquant", False, "split", "ieee", "scratch", 2),       # odd K: split pad column
+        (128, 64, "hadamard", True, "natural", "fp16", "scratch", None),
+        (128, 32, "smoothquant", False, "natural", "fp16", "gather", None),
+        (70, 16, "rtn", False, "split", "ieee", "scratch", None),
+    ]
+    for k, bs, method, sym, layout, prec, pmode, br in CASES:
+        layer = random_group(k, [8], method=method, block_size=bs, act_symmetric=sym, seed=k + bs)[0]
+        x = random_activations(19, k, seed=k)
+        x[3] *= 1e-3  # tokens of very different magnitude share a tile (the fp16 per-token scaling)
+        x[4] *= 300.0
+        plan = build_act_plan(layer.transform, k, "cpu")
+        assert plan.fused, plan.reason
+        rc, rsx, rzx = reference.act_quant(x, layer.transform, 8, sym, 0.9)
+        ref = reference.split_int4_order(rc) if layout == "split" else rc
+        kc = ref.shape[1]
+        poison = (torch.full((19, kc), 77, dtype=torch.int8), torch.full((19,), float("nan")),
+                  None if sym else torch.full((19,), float("nan")), torch.full((19,), -7, dtype=torch.int32))
+        codes, sx, zx, rs = act_quant_tile(x, plan, symmetric=sym, clip=0.9, layout=layout, precision=prec,
+                                           perm_mode=pmode, block_tokens=br, out=poison)
+        d = (codes.int() - ref.int()).abs()
+        # ieee: float32 rotations, the spec's codes; fp16: operands rounded like tf32 -> rare +-1 (GPU: <= 2)
+        max_d, max_rate, rtol = (0, 0.0, 1e-6) if prec == "ieee" else (1, 0.05, 2e-3)
+        assert int(d.max()) <= max_d and float((d > 0).float().mean()) <= max_rate, (k, prec, int(d.max()))
+        assert torch.allclose(sx, rsx, rtol=rtol, atol=0), (k, float(((sx - rsx) / rsx).abs().max()))
+        if sym:
+            assert zx is None
+        else:
+            assert bool(((zx - rzx).abs() <= (0 if prec == "ieee" else 1)).all()), k
+        assert torch.equal(rs, reference.code_row_sums(codes)), k
+    print("TILE INTERPRETER OK")
+""")
+
+
+def test_tile_kernel_under_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    src = os.path.join(os.path.dirname(__file__), "..", "src")
+    env["PYTHONPATH"] = os.path.abspath(src) + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "TILE INTERPRETER OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_tile_config_has_mma_rows():
+    pytest.importorskip("triton")
+    from duquant.kernels.triton_act_tile import default_config
+
+    for m, k in [(816, 2048), (816, 16384), (51, 1024), (51, 4096), (768, 1152), (768, 4304), (1, 128)]:
+        br, warps, _ = default_config(m, k)
+        nbp = 1 << max(0, (-(-k // 128) - 1).bit_length())
+        assert br * nbp >= 16 and warps in (4, 8)
