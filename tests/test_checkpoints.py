@@ -7,14 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from duquant.models import CheckpointError, build_policy
+from duquant.models import CheckpointError, build_policy, load_policy
 from duquant.models.checkpoints import (
     LEROBOT,
     OPENPI,
     config_from_checkpoint,
     find_norm_stats,
     inspect_checkpoint,
-    load_checkpoint,
     load_checkpoint_with_info,
     save_lerobot_checkpoint,
     save_openpi_checkpoint,
@@ -103,7 +102,7 @@ def test_legacy_time_mlp_names_and_state_proj_are_fixed(dirs, tmp_path):
         {"model." + k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "ck" / "model.safetensors")
     )
     (tmp_path / "ck" / "config.json").write_text(json.dumps({"type": "pi05" if model.config.pi05 else "pi0"}))
-    loaded = load_checkpoint(tmp_path / "ck")
+    loaded = load_policy(tmp_path / "ck")
     ref = model.state_dict()
     assert all(torch.equal(loaded.state_dict()[k], ref[k]) for k in ref)
 
@@ -151,7 +150,7 @@ def test_missing_and_corrupt_checkpoints_say_what_is_wrong(dirs, tmp_path):
     (tmp_path / "ck").mkdir()
     save_file({k: v for k, v in sd.items() if k != dropped}, str(tmp_path / "ck" / "model.safetensors"))
     with pytest.raises(CheckpointError, match=dropped):
-        load_checkpoint(tmp_path / "ck")
+        load_policy(tmp_path / "ck")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
@@ -174,3 +173,19 @@ def test_norm_stats_lookup(dirs, tmp_path):
     with pytest.raises(FileNotFoundError, match="--norm-stats"):
         create_policy(PolicySpec(checkpoint=str(tmp_path / "nostats")))
     assert create_policy(PolicySpec(checkpoint=str(tmp_path / "nostats"), norm="none")).pre.norm_stats == {}
+
+
+def test_load_policy_is_the_one_front_door_for_both_layouts(dirs):
+    """`duquant.models.load_policy(dir)` reads openpi's and LeRobot's directories alike, with the same actions."""
+    from duquant.models import make_synthetic_observation
+
+    model, op, lr = dirs
+    a, b = load_policy(op), load_policy(lr)
+    obs = make_synthetic_observation(model.config, batch_size=1, seed=3)
+    shape = (1, model.config.action_horizon, model.config.action_dim)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    ref = model.sample_actions(obs, noise=noise)
+    # Identical weights; fp32 matmuls on freshly loaded (differently laid out) tensors may round differently.
+    assert a.config == b.config == model.config
+    torch.testing.assert_close(a.sample_actions(obs, noise=noise), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(b.sample_actions(obs, noise=noise), ref, rtol=0, atol=1e-5)

@@ -82,10 +82,14 @@ def test_pi0_pi05_mismatch_is_explained(tmp_path):
 def test_wrong_prefix_and_missing_keys_are_explained(saved, tmp_path):
     model, d = saved
     sd = load_file(str(d / "model.safetensors"))
+    # Every key under "model." is LeRobot's layout: the one loader reads it.
     save_file({f"model.{k}": v for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
-    with pytest.raises(CheckpointError, match="leading 'model.'"):
+    lerobot = load_policy(tmp_path, config=model.config.name)
+    assert torch.equal(lerobot.action_out_proj.weight, model.action_out_proj.weight)
+    save_file({f"policy.{k}": v for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="extra prefix 'policy.'"):
         load_policy(tmp_path, config=model.config.name)
-    with pytest.raises(CheckpointError, match="'model.' prefix"):
+    with pytest.raises(CheckpointError, match="cannot recognise"):
         load_policy(tmp_path)  # nothing to detect a config from
     del sd["action_out_proj.bias"]
     save_file(sd, str(tmp_path / "model.safetensors"))

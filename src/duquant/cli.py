@@ -144,16 +144,26 @@ def build_parser() -> argparse.ArgumentParser:
     report_mod.add_report_args(p)
     p.set_defaults(func=cmd_report)
 
-    # Subcommands owned by optional modules register themselves (bench: kernels; serve; eval/record: LIBERO).
-    for module in ("duquant.kernels.cli", "duquant.serve.cli", "duquant.eval.cli"):
-        try:
-            mod = importlib.import_module(module)
-        except ImportError as err:
-            if err.name is not None and err.name.startswith("duquant"):
-                continue  # module not part of this build
-            raise
-        mod.register(sub)
+    # Subcommands owned by optional parts register themselves. Their `register` modules import nothing beyond the
+    # core install: the extras they need are imported when the command runs (see `missing_extra`).
+    for module in REGISTERING_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
+
+
+# Top-level package of an optional dependency -> the extra that installs it.
+EXTRA_OF_PACKAGE = {
+    "msgpack": "serve", "websockets": "serve", "PIL": "serve", "openpi_client": "serve",
+    "sentencepiece": "tokenizer", "triton": "gpu", "ray": "cluster", "transformers": "hf",
+    "libero": "libero", "robosuite": "libero", "mujoco": "libero", "imageio": "libero",
+}
+REGISTERING_MODULES = ("duquant.kernels.cli", "duquant.serve.cli", "duquant.eval.cli")
+
+
+def missing_extra(err: ModuleNotFoundError) -> str | None:
+    """The extra that provides the module an import failed on, or None when it is not an optional dependency."""
+    top = (err.name or "").split(".")[0]
+    return EXTRA_OF_PACKAGE.get(top)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,6 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except ModuleNotFoundError as err:
+        extra = missing_extra(err)
+        if extra is None:
+            raise
+        print(f'duquant {args.command} needs the {extra} extra (no module named {err.name!r}): '
+              f'pip install "duquant[{extra}]"', file=sys.stderr)
+        return 2
     except ConfigError as err:
         print(f"duquant: configuration error: {err}", file=sys.stderr)
         return 2

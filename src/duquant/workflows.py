@@ -34,12 +34,6 @@ def load_model(config: str | None = None, checkpoint: str | os.PathLike | None =
         if not path.exists():
             raise FileNotFoundError(f"checkpoint {path} does not exist; pass a directory holding model.safetensors "
                                     "(openpi or LeRobot layout) or the file itself")
-        try:
-            from duquant.models import checkpoints
-        except ImportError:
-            checkpoints = None
-        if checkpoints is not None and hasattr(checkpoints, "load_checkpoint") and path.is_dir():
-            return checkpoints.load_checkpoint(path, config=config, device=device, dtype=dtype)
         return models.load_policy(path, config=config, device=device, dtype=dtype)
     return models.build_policy(config or DEFAULT_CONFIG, device=device, dtype=dtype, seed=seed)
 

@@ -316,16 +316,11 @@ def inspect_checkpoint(path: str | os.PathLike, asset_id: str | None = None) -> 
                           config_json=config_json, norm_stats=find_norm_stats(directory, asset_id))
 
 
-def load_checkpoint(path: str | os.PathLike, config: str | PolicyConfig | None = None, device="cpu",
-                    dtype: torch.dtype = torch.float32, asset_id: str | None = None) -> PI0Policy:
-    """Load an openpi or LeRobot checkpoint directory (or its model.safetensors) into our policy."""
-    model, _ = load_checkpoint_with_info(path, config=config, device=device, dtype=dtype, asset_id=asset_id)
-    return model
-
-
 def load_checkpoint_with_info(path, config: str | PolicyConfig | None = None, device="cpu",
                               dtype: torch.dtype = torch.float32, asset_id: str | None = None
                               ) -> tuple[PI0Policy, CheckpointInfo]:
+    """The policy and what its directory says (layout, norm stats). Users call `duquant.models.load_policy`,
+    which comes here for LeRobot's layout; the server calls this for the norm stats."""
     info = inspect_checkpoint(path, asset_id=asset_id)
     cfg = info.config
     if config is not None:
@@ -440,7 +435,6 @@ def _jsonable(stats: dict) -> dict:
 __all__ = [
     "CheckpointInfo",
     "inspect_checkpoint",
-    "load_checkpoint",
     "load_checkpoint_with_info",
     "to_openpi_keys",
     "config_from_checkpoint",

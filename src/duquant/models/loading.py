@@ -2,12 +2,13 @@
 
     build_policy("pi0", device="meta")               # full size, shapes only: nothing allocated
     build_policy("pi0-tiny")                         # seeded random weights with realistic outliers
-    load_policy("/ckpt/pi05_libero_pytorch", dtype=torch.bfloat16)   # openpi's model.safetensors
+    load_policy("/ckpt/pi05_libero_pytorch", dtype=torch.bfloat16)   # openpi's or LeRobot's checkpoint directory
     save_policy(model, "/out")                       # model.safetensors + config.json, as openpi writes them
 
 Checkpoints use openpi's PyTorch key names (`safetensors.torch.save_model(PI0Pytorch)`), which store the tied pair
 `paligemma.lm_head.weight` / `language_model.embed_tokens.weight` once; loading restores whichever is missing.
-LeRobot's layout (every key prefixed with `model.`) is handled by `duquant.models.checkpoints`.
+`load_policy` is the one public loader: LeRobot's layout (every key prefixed with `model.`, its own config.json)
+is recognised from the keys and read by `duquant.models.checkpoints`.
 """
 
 from __future__ import annotations
@@ -141,8 +142,8 @@ def detect_config(keys: dict[str, tuple[int, ...]], config_json: dict | None = N
     pi05 = _is_pi05(keys)
     embed = keys.get(TIED[1]) or keys.get(TIED[0])
     if pi05 is None or embed is None:
-        prefix = " - the keys carry a 'model.' prefix (LeRobot layout): use duquant.models.checkpoints" if all(
-            k.startswith("model.") for k in keys) else ""
+        prefix = " - the keys carry a 'model.' prefix (LeRobot layout): load it with duquant.models.load_policy" \
+            if all(k.startswith("model.") for k in keys) else ""
         raise CheckpointError(f"cannot recognise a pi0 / pi0.5 checkpoint (no {TIED[1]} or no state_proj / "
                               f"time_mlp_in); keys start with {sorted(keys)[:3]}{prefix}")
     gate = keys.get("paligemma_with_expert.gemma_expert.model.layers.0.mlp.gate_proj.weight", (0, 0))
@@ -170,8 +171,8 @@ def _likely_cause(missing: list[str], unexpected: list[str], cfg: PolicyConfig) 
     if unexpected and all(k.startswith("model.") for k in unexpected):
         stripped = {k[len("model."):] for k in unexpected}
         if stripped & set(missing):
-            return ("every key carries a leading 'model.' (LeRobot's layout): load it with "
-                    "duquant.models.checkpoints.load_checkpoint, or strip the prefix")
+            return ("every key carries a leading 'model.' (LeRobot's layout): load the directory with "
+                    "duquant.models.load_policy(dir) and no config, or strip the prefix")
     miss, unexp = set(missing), set(unexpected)
     for m in missing[:1]:
         for u in unexpected:
@@ -195,13 +196,19 @@ def _likely_cause(missing: list[str], unexpected: list[str], cfg: PolicyConfig) 
 
 def load_policy(path: str | os.PathLike, config: str | PolicyConfig | None = None,
                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                strict: bool = True) -> PI0Policy:
-    """Load openpi's `model.safetensors` (bf16 or fp32; a file or a directory holding it, with an optional
-    config.json) into our policy, cast to `dtype`, in eval mode. `config=None` detects pi0 / pi0.5 and the sizes
-    from the keys. Strict by default: any missing or unexpected key raises CheckpointError listing the first
-    offenders and the likely cause; strict=False keeps the seeded initialisation for missing keys."""
+                strict: bool = True, asset_id: str | None = None) -> PI0Policy:
+    """Load a pi0 / pi0.5 checkpoint into our policy, cast to `dtype`, in eval mode: openpi's PyTorch layout
+    (`model.safetensors` + optional config.json; a file or the directory holding it) or LeRobot's (`model.`-prefixed
+    keys, LeRobot's config.json), told apart by the keys. `config=None` detects pi0 / pi0.5 and the sizes. Strict by
+    default: any missing or unexpected key raises CheckpointError listing the first offenders and the likely cause;
+    strict=False (openpi layout only) keeps the seeded initialisation for missing keys. `asset_id` picks the
+    norm-stats asset when a LeRobot directory holds several (see `checkpoints.inspect_checkpoint`)."""
     file = _checkpoint_file(path)
     keys = read_checkpoint_keys(file)
+    if keys and all(k.startswith("model.") for k in keys):  # LeRobot's layout
+        from duquant.models.checkpoints import load_checkpoint_with_info  # it builds on this module
+
+        return load_checkpoint_with_info(file, config=config, device=device, dtype=dtype, asset_id=asset_id)[0]
     cj_path = file.parent / "config.json"
     try:
         cj = json.loads(cj_path.read_text()) if cj_path.exists() else {}
