@@ -59,8 +59,6 @@ class LocalRunner:
         for i, u in enumerate(units):
             tasks.put((i, dataclasses.asdict(u)))
         n = min(self.slots(), len(units))
-        for _ in range(n):
-            tasks.put(None)
         cfg_dict = dataclasses.asdict(self.cfg)
         units = list(units)
 
@@ -127,12 +125,14 @@ class LocalRunner:
                 try:
                     handle(*results.get(timeout=1.0))
                 except queue.Empty:
-                    if not any(p.is_alive() for p in procs.values()) and not any(
-                            p.exitcode for p in procs.values()):
-                        raise RuntimeError("every LIBERO worker exited before the run finished (see above)") from None
+                    pass
                 if time.monotonic() - last_check >= 1.0:
                     last_check = time.monotonic()
                     replace_dead()
+                    if remaining and not any(p.is_alive() for p in procs.values()):
+                        raise RuntimeError("every LIBERO worker exited before the run finished (see above)")
+            for _ in procs:  # no sentinels before: a unit queued again after a death must come before them
+                tasks.put(None)
         finally:
             for p in procs.values():
                 if p.is_alive():
