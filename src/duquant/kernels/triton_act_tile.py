@@ -101,7 +101,7 @@ def _tile_act_kernel(
     BR: tl.constexpr, NBP: tl.constexpr, BS: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, HAS_R1: tl.constexpr, R1_TWO: tl.constexpr, HAS_PERM: tl.constexpr,
     HAS_R2: tl.constexpr, R2_TWO: tl.constexpr, SYMMETRIC: tl.constexpr, DOT: tl.constexpr,
-    PERM_MODE: tl.constexpr, EXACT_DIV: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+    PERM_MODE: tl.constexpr, EXACT_DIV: tl.constexpr, USE_LIBDEVICE: tl.constexpr, HOIST: tl.constexpr,
 ):
     R: tl.constexpr = BR * NBP
     KP: tl.constexpr = NBP * BS
@@ -115,11 +115,17 @@ def _tile_act_kernel(
     chan = blk[:, None] * BS + i[None, :]  # channel of tile element (r, i): input order and output order alike
     valid = chan < K
     is_last = blk == last_block
-    if HAS_R1:  # once per program; the tile loop reuses them
-        a0, a1 = _load_matrix(r1_ptr, BS, R1_TWO)
-    if HAS_R2:
-        b0, b1 = _load_matrix(r2_ptr, BS, R2_TWO)
+    if HOIST:  # once per program (registers / shared memory across the tile loop), else per tile from L1
+        if HAS_R1:
+            a0, a1 = _load_matrix(r1_ptr, BS, R1_TWO)
+        if HAS_R2:
+            b0, b1 = _load_matrix(r2_ptr, BS, R2_TWO)
     for tile in range(pid, num_tiles, nprog):
+        if not HOIST:
+            if HAS_R1:
+                a0, a1 = _load_matrix(r1_ptr, BS, R1_TWO)
+            if HAS_R2:
+                b0, b1 = _load_matrix(r2_ptr, BS, R2_TWO)
         tok = tile * BR + tok_in_tile
         tmask = tok < M
         x = tl.load(x_ptr + tok[:, None].to(tl.int64) * stride_xm + chan, mask=tmask[:, None] & valid,
@@ -223,10 +229,11 @@ def default_config(m: int, k: int, bs: int = 128) -> tuple[int, int, int]:
 def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, clip: float = 1.0,
                    layout: str = "natural", precision: str = "fp16", exact_div: bool = True,
                    block_tokens: int | None = None, num_warps: int | None = None, perm_mode: str | int | None = None,
-                   programs: int | None = None, out: tuple | None = None):
+                   programs: int | None = None, hoist: bool = True, out: tuple | None = None):
     """Same contract as ``triton_act.act_quant``: x [M, K] -> (codes int8 [M, Kc], scale f32 [M], zero f32 [M] |
     None, rowsum int32 [M]). ``out`` = preallocated (codes, scale, zero, rowsum) to write into (CUDA graphs,
-    poisoned-output checks)."""
+    poisoned-output checks). ``programs``: persistent grid size (default 2 per multiprocessor); each program
+    reads the two 32 KB matrices once when ``hoist``, which at K = 2048 is more L2 traffic than its tokens."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} not in {list(PRECISIONS)}")
     if x.stride(-1) != 1:
@@ -282,7 +289,7 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
         codes, codes.stride(0), scale, zero if zero is not None else scale, rowsum,
         float(clip), int(plan.last_block),
         BR=br, NBP=nbp, BS=bs, SYMMETRIC=bool(symmetric), DOT=PRECISIONS[precision], PERM_MODE=pmode,
-        EXACT_DIV=bool(exact_div), USE_LIBDEVICE=not _INTERPRET and libdevice is not None,
+        EXACT_DIV=bool(exact_div), USE_LIBDEVICE=not _INTERPRET and libdevice is not None, HOIST=bool(hoist),
         num_warps=warps, **flags,
     )
     return codes, scale, zero, rowsum
