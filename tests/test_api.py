@@ -185,13 +185,19 @@ def test_apply_from_env(capsys):
     assert dry.dryrun and "Matched Linear layers: 7" in capsys.readouterr().out
 
 
-def test_weight_only_fallback_without_calibration():
-    model = make_model()
-    report = quantize(model, CFG, progress=False, verbose=False)
-    assert report.weight_only_fallback
-    assert {r.transform_kind for r in report.layers} == {"duquant-weight-only"}
-    with pytest.raises(ValueError, match="needs activation statistics"):
-        quantize(make_model(), CFG.replace(method="smoothquant"), progress=False, verbose=False)
+def test_methods_needing_activations_refuse_to_run_without_calibration(tmp_path):
+    for method in ("duquant", "smoothquant"):
+        model = make_model()
+        with pytest.raises(ValueError, match=f"method '{method}' needs activation statistics.*pass calibrate=fn"):
+            quantize(model, CFG.replace(method=method), progress=False, verbose=False)
+        assert not any(isinstance(m, DuQuantLinear) for m in model.modules())  # nothing half-applied
+    with pytest.raises(ValueError, match="act_static / act_pct needs activation statistics"):
+        quantize(make_model(), CFG.replace(method="rtn", act_static=True), progress=False, verbose=False)
+    quantize(make_model(), CFG.replace(method="hadamard"), progress=False, verbose=False)  # weight-only methods run
+    # packs from a calibrated run are enough: no calibration is needed to load them
+    cfg = CFG.replace(packdir=str(tmp_path))
+    quantize(make_model(), cfg, calibrate=calib_fn(batches()), progress=False, verbose=False)
+    assert quantize(make_model(), cfg, progress=False, verbose=False).pack_hits == 14
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -2,6 +2,7 @@
 openpi-client."""
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -287,7 +288,9 @@ def test_served_policy_answers_openpi_client(config):
         assert fresh.infer(libero_obs())["actions"].shape == (horizon, 7)
 
         with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10) as r:
-            assert r.status == 200 and r.read() == b"OK\n"
+            first, counters = r.read().decode().split("\n", 1)
+            assert r.status == 200 and first == "OK"
+            assert json.loads(counters)["errors"] == 1 and json.loads(counters)["refused"] == 1
     finally:
         code = server.stop()
     assert code == 0, "".join(server.lines)

@@ -56,7 +56,6 @@ class QuantReport:
     pack_hits: int = 0
     pack_misses: int = 0
     stale: list[tuple[str, str]] = field(default_factory=list)
-    weight_only_fallback: bool = False
     lines: list[str] = field(default_factory=list)
 
     @property
@@ -84,8 +83,6 @@ class QuantReport:
                f"{self.bytes_after / 2**20:.2f} MiB",
                f"calibration {self.calibration_seconds:.2f} s, quantization {self.quantization_seconds:.2f} s, "
                f"packs: {self.pack_hits} reused, {self.pack_misses} computed"]
-        if self.weight_only_fallback:
-            out.append("no calibration data: DuQuant rotations were built from the weights only (duquant-weight-only)")
         for name, why in self.stale[:5]:
             out.append(f"recomputed stale pack {name}: {why}")
         return "\n".join(out)
@@ -158,6 +155,11 @@ def quantize(model: nn.Module, config: DuQuantConfig | None = None,
                         _log(f"[duquant] pack for {name} is stale ({why}); recomputing")
                 continue
             loaded[name] = layer_from_pack(store.load(name).tensors, meta, module, config)
+    # A group's shared transform comes from all its members: one with a missing pack (a run killed between
+    # the packs of a group) recomputes the whole group, so a resumed run gives the uninterrupted model.
+    partial = [n for n, layer in loaded.items() if any(g not in loaded for g in layer.group or [n])]
+    for name in partial:
+        del loaded[name]
     todo = {n: m for n, m in selection.modules.items() if n not in loaded}
 
     # 2. Calibration, only for what the packs did not provide.
@@ -173,13 +175,14 @@ def quantize(model: nn.Module, config: DuQuantConfig | None = None,
     elif todo and needs_stats and calibrate is not None:
         calib = run_calibration(model, todo, calibrate, max_tokens=config.calib_tokens, seed=config.seed)
         report.calibration_seconds = calib.seconds
-    elif todo and needs_stats:
-        if config.method == "smoothquant":
-            raise ValueError("method 'smoothquant' needs activation statistics: pass calibrate=fn "
-                             "(CLI: calibration runs on --calib FILE or synthetic observations)")
-        if config.act_static or config.act_pct:
-            raise ValueError("act_static / act_pct need calibration data: pass calibrate=fn")
-        report.weight_only_fallback = config.method == "duquant"
+    elif todo and (config.method in NEEDS_ACTIVATIONS or config.act_static or config.act_pct):
+        # Never a quiet weight-only DuQuant: its rotations would be built for the weights, not the activations.
+        # (clip_search alone falls back to the weight MSE, as documented.)
+        needs = f"method {config.method!r}" if config.method in NEEDS_ACTIVATIONS else "act_static / act_pct"
+        raise ValueError(f"{needs} needs activation statistics for {len(todo)} layers without a pack (e.g. "
+                         f"{next(iter(todo))}): pass calibrate=fn (runs your calibration forward passes) or "
+                         "calibration=<duquant.calibration.calibrate(...)>, or point packdir at packs written by "
+                         "a calibrated run (duquant quantize); method 'rtn' or 'hadamard' needs no calibration")
 
     # 3. Transform + quantize each group.
     start = time.perf_counter()

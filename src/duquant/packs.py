@@ -6,12 +6,15 @@ JSON string under ``"duquant"``:
 
     {"format_version": 1, "duquant_version": "...", "layer": name, "shape": [out, in], "config_hash": ...,
      "config": {...}, "weight_fingerprint": ..., "group": [names sharing the transform], "group_fingerprint": ...,
-     "transform_kind": "duquant", "calibrated": true, "act_clip": 0.9, "checksums": {tensor: sha256}}
+     "transform_kind": "duquant", "calibrated": true, "act_clip": 0.9, "checksums": {tensor: sha256},
+     "meta_checksum": sha256 of this JSON without itself}
 
 ``<packdir>/manifest.json`` indexes the directory (layer -> file, hashes). Both are written atomically (temp file in
 the same directory, fsync, ``os.replace``), so an interrupted run leaves no half-written pack. A pack whose config,
 shape or weights differ is *stale* (recomputed, with a message); a pack that fails to parse or whose checksums do not
-match is *corrupt* (an error that names the file; never half-loaded).
+match is *corrupt* (an error that names the file; never half-loaded): the tensors are checksummed, and so is the
+header (a flipped digit in "act_clip" must not give a silently different model). Files are created with the
+process's umask (not mkstemp's 0600), so a server running as another user can read them.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: header checksum
 META_KEY = "duquant"
 
 
@@ -62,12 +65,33 @@ def group_fingerprint(fingerprints: list[str]) -> str:
     return hashlib.blake2b("|".join(fingerprints).encode(), digest_size=16).hexdigest()
 
 
+def meta_checksum(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != "meta_checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask sets it, racing threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp (and safetensors) create 0600; packs are shared like any other file the user writes
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -99,6 +123,7 @@ class PackStore:
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         meta = {**meta, "format_version": FORMAT_VERSION, "layer": name,
                 "checksums": {k: tensor_checksum(v) for k, v in tensors.items()}}
+        meta["meta_checksum"] = meta_checksum(meta)
         path = self.path(name)
         _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta, sort_keys=True)}))
         return path
@@ -117,9 +142,15 @@ class PackStore:
         if raw is None:
             raise PackError(f"{path} is not a duquant pack (no '{META_KEY}' metadata); remove it from PACKDIR")
         try:
-            return json.loads(raw)
+            meta = json.loads(raw)
         except json.JSONDecodeError as err:
             raise PackError(f"pack {path} has unreadable metadata ({err}); delete it and rerun") from err
+        if not isinstance(meta, dict):
+            raise PackError(f"pack {path} has unreadable metadata (not a JSON object); delete it and rerun")
+        if meta.get("format_version") == FORMAT_VERSION and meta.get("meta_checksum") != meta_checksum(meta):
+            raise PackError(f"pack {path} is corrupt: its header does not match its checksum; delete it and "
+                            "rerun to recompute it")
+        return meta
 
     def check(self, name: str, *, config_hash: str, shape: tuple[int, int],
               fingerprint: str) -> tuple[dict | None, str]:

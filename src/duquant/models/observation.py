@@ -110,6 +110,9 @@ def save_observations(path: str | os.PathLike, observations: Observation | Seque
         from safetensors.torch import save_file
 
         save_file(tensors, str(tmp))
+    mask = os.umask(0o022)  # safetensors creates 0600: give the file the mode any file of the user gets
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
     os.replace(tmp, path)
     return path
 

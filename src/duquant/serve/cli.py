@@ -75,22 +75,28 @@ def register(subparsers) -> None:
         help="PaliGemma's paligemma_tokenizer.model ('fallback': a stand-in for tiny models and smoke tests)",
     )
     t.add_argument("--noise-seed", type=int, help="seed the flow-matching noise (reproducible actions)")
+    t.add_argument("--state-pad", choices=("error", "zero"), default="error",
+                   help="a state shorter than the policy expects (LIBERO: 8): error (default) refuses the "
+                   "request; zero pads the missing dims with zeros after normalisation")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="0.0.0.0")
     s.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
-    s.add_argument("--batch-window-ms", type=float, default=0.0,
-                   help="gather concurrent requests for this long and run them as one batch (0: no batching)")
-    s.add_argument("--max-batch", type=int, default=8, help="largest batch with --batch-window-ms")
-    s.add_argument(
-        "--max-queue", type=int, default=64, help="requests waiting for the model at most (then senders wait)"
-    )
-    s.add_argument("--max-request-mb", type=float, default=64.0, help="largest request accepted (MiB)")
+    s.add_argument("--batch-window-ms", type=float, default=0.0, help="gather concurrent requests for this "
+                   "long and run them as one batch (default %(default)s: no batching)")
+    s.add_argument("--max-batch", type=int, default=8,
+                   help="largest batch with --batch-window-ms (default %(default)s)")
+    s.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for the model at most, then senders wait (default %(default)s)")
+    s.add_argument("--max-request-mb", type=float, default=64.0,
+                   help="largest request accepted, in MiB; larger ones are refused with close code 1009 "
+                   "(default %(default)s)")
     s.add_argument("--no-warmup", action="store_true", help="listen before the first inference")
     q = p.add_argument_group("calibration (when quantizing)")
     q.add_argument(
         "--calib", help="observation file (duquant record libero); default: synthetic observations"
     )
-    q.add_argument("--calib-batch-size", type=int, default=2)
+    q.add_argument("--calib-batch-size", type=int, default=2, help="observations per calibration batch "
+                   "(default %(default)s); --calib-steps counts these batches")
     q.add_argument(
         "--float", action="store_true", help="serve in float even if OPENPI_DUQUANT_* variables are set"
     )
@@ -133,6 +139,7 @@ def spec_from_args(args, quantize):
         quantize=quantize,
         calib=args.calib,
         calib_batch_size=args.calib_batch_size,
+        state_pad=args.state_pad,
     )
 
 

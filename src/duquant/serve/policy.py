@@ -22,6 +22,7 @@ Nothing here imports torch at module level (the eval client imports this file's 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -29,10 +30,20 @@ from pathlib import Path
 
 import numpy as np
 
+from duquant.serve.guards import (
+    LIBERO_STATE_DIM,
+    STATE_PAD_POLICIES,
+    InputError,
+    check_finite,
+    small_image_warning,
+    state_length,
+    tokenize_bounded,
+)
 from duquant.serve.wire import resize_with_pad
 
 LIBERO_IMAGE, LIBERO_WRIST, LIBERO_STATE = "observation/image", "observation/wrist_image", "observation/state"
 CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
+logger = logging.getLogger("duquant.serve")
 PALIGEMMA_TOKENIZER_CACHE = Path("~/.cache/openpi/big_vision/paligemma_tokenizer.model").expanduser()
 
 
@@ -155,6 +166,7 @@ class Transforms:
     mask_padded_cameras: bool = False  # openpi: True only for pi0-FAST
     default_prompt: str | None = None
     image_size: int = 224
+    state_pad: str = "error"  # a state shorter than expected: error | zero (see duquant.serve.guards)
 
     @classmethod
     def for_libero(cls, pi05: bool) -> Transforms:
@@ -167,23 +179,24 @@ class Transforms:
         return cls(robot="generic", use_quantiles=pi05, delta_action_dims=0, action_dims=None)
 
 
-def parse_image(image) -> np.ndarray:
-    """openpi's _parse_image: float [0, 1] -> uint8, CHW -> HWC."""
+def parse_image(image, name: str = "image") -> np.ndarray:
+    """openpi's _parse_image: float [0, 1] -> uint8, CHW -> HWC (a non-finite float image is refused)."""
     image = np.asarray(image)
     if np.issubdtype(image.dtype, np.floating):
+        check_finite(name, image)
         image = (255 * image).astype(np.uint8)
     if image.ndim == 3 and image.shape[0] == 3:
         image = np.transpose(image, (1, 2, 0))
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"images must be (H, W, 3) uint8 or float in [0, 1] (CHW accepted); got shape "
-                         f"{image.shape} dtype {image.dtype}")
+        raise InputError(f"{name}: images must be (H, W, 3) uint8 or float in [0, 1] (CHW accepted); got "
+                         f"shape {image.shape} dtype {image.dtype}")
     return image
 
 
 def _prompt(obs: dict, default: str | None) -> str:
     prompt = obs.get("prompt", default)
     if prompt is None:
-        raise ValueError(
+        raise InputError(
             "Prompt is required: send a 'prompt' string with the observation (or start the server "
             "with --default-prompt)"
         )
@@ -197,10 +210,10 @@ def _prompt(obs: dict, default: str | None) -> str:
 def libero_inputs(obs: dict, mask_padded: bool = False) -> dict:
     missing = [k for k in (LIBERO_IMAGE, LIBERO_WRIST, LIBERO_STATE) if k not in obs]
     if missing:
-        raise ValueError(f"LIBERO observation lacks {missing}; expected keys {LIBERO_IMAGE!r} (uint8 HxWx3), "
+        raise InputError(f"LIBERO observation lacks {missing}; expected keys {LIBERO_IMAGE!r} (uint8 HxWx3), "
                          f"{LIBERO_WRIST!r}, {LIBERO_STATE!r} (8 floats) and 'prompt'; got {sorted(obs)}")
-    base = parse_image(obs[LIBERO_IMAGE])
-    wrist = parse_image(obs[LIBERO_WRIST])
+    base = parse_image(obs[LIBERO_IMAGE], LIBERO_IMAGE)
+    wrist = parse_image(obs[LIBERO_WRIST], LIBERO_WRIST)
     return {"state": np.asarray(obs[LIBERO_STATE]),
             "image": {CAMERAS[0]: base, CAMERAS[1]: wrist, CAMERAS[2]: np.zeros_like(base)},
             "image_mask": {CAMERAS[0]: True, CAMERAS[1]: True, CAMERAS[2]: bool(mask_padded)}}
@@ -209,14 +222,14 @@ def libero_inputs(obs: dict, mask_padded: bool = False) -> dict:
 def generic_inputs(obs: dict, cameras: tuple[str, ...], mask_padded: bool = False) -> dict:
     images = obs.get("image", obs.get("images"))
     if not isinstance(images, dict) or not images or "state" not in obs:
-        raise ValueError(
+        raise InputError(
             "generic observation: expected {'image': {camera: HxWx3 uint8}, 'state': [...], 'prompt': "
             f"str}} with cameras among {list(cameras)}; got keys {sorted(obs)}"
         )
     unknown = sorted(set(images) - set(cameras))
     if unknown:
-        raise ValueError(f"unknown camera(s) {unknown}; the model's cameras are {list(cameras)}")
-    parsed = {k: parse_image(v) for k, v in images.items()}
+        raise InputError(f"unknown camera(s) {unknown}; the model's cameras are {list(cameras)}")
+    parsed = {k: parse_image(v, f"image[{k!r}]") for k, v in images.items()}
     masks_in = obs.get("image_mask", obs.get("image_masks", {})) or {}
     first = next(iter(parsed.values()))
     image, mask = {}, {}
@@ -247,6 +260,7 @@ class Preprocessor:
 
             tokenizer = load_tokenizer(None, max_len=config.max_token_len, vocab_size=config.llm.vocab_size)
         self.tokenizer = tokenizer
+        self._warned: dict[str, int] = {}
 
     def prepare(self, obs: dict) -> dict:
         """A request -> the model-format numpy dict (state normalised and padded, 224 uint8 images,
@@ -258,25 +272,71 @@ class Preprocessor:
             data = libero_inputs(obs, t.mask_padded_cameras)
         else:
             data = generic_inputs(obs, self.config.image_keys, t.mask_padded_cameras)
-        state = np.asarray(data["state"], dtype=np.float64)
+        try:
+            state = np.asarray(data["state"], dtype=np.float64)
+        except (TypeError, ValueError) as err:
+            raise InputError(f"state must be a vector of numbers ({err})") from err
         if state.ndim != 1:
-            raise ValueError(f"state must be a vector, got shape {state.shape}")
+            raise InputError(f"state must be a vector, got shape {state.shape}")
+        check_finite(LIBERO_STATE if t.robot == "libero" else "state", state)
+        warnings: list[str] = []
+        expected = self.expected_state_dim()
+        n_state = state.shape[-1]
+        target = state_length(n_state, expected, t.state_pad, self._state_layout())
         if "state" in self.norm_stats:
             state = normalize(state, self.norm_stats["state"], t.use_quantiles)
-        images = {k: resize_with_pad(v, t.image_size, t.image_size) for k, v in data["image"].items()}
-        prompt = _prompt(obs, t.default_prompt)
-        tokens, token_mask = self.tokenizer.tokenize(prompt, state if t.discrete_state_input else None)
+        if target > n_state:  # the opted-in pad policy: zeros after normalisation
+            state = np.concatenate([state, np.zeros(target - n_state)])
+            warnings.append(f"state of {n_state} dims padded with zeros to {target} (--state-pad zero)")
         if state.shape[-1] > self.config.action_dim:
-            raise ValueError(
+            raise InputError(
                 f"state has {state.shape[-1]} dims, more than the model's action_dim {self.config.action_dim}"
             )
-        return {
+        for cam, img in data["image"].items():
+            if data["image_mask"][cam]:  # the black stand-ins for absent cameras are the sent ones' size
+                w = small_image_warning(cam, img.shape)
+                if w is not None:
+                    warnings.append(w)
+        images = {k: resize_with_pad(v, t.image_size, t.image_size) for k, v in data["image"].items()}
+        prompt = _prompt(obs, t.default_prompt)
+        tokens, token_mask, cut = tokenize_bounded(self.tokenizer, prompt,
+                                                   state if t.discrete_state_input else None)
+        if cut is not None:
+            warnings.append(cut)
+        for w in warnings:
+            self._warn(w)
+        out = {
             "state": pad_to_dim(state, self.config.action_dim),
             "image": images,
             "image_mask": data["image_mask"],
             "tokenized_prompt": np.asarray(tokens),
             "tokenized_prompt_mask": np.asarray(token_mask, dtype=bool),
         }
+        if warnings:
+            out["warnings"] = warnings
+        return out
+
+    def expected_state_dim(self) -> int | None:
+        """The state length requests must have: LIBERO's 8, or a generic robot's norm-stats length (None:
+        unknown, any length up to the model's action_dim)."""
+        if self.transforms.robot == "libero":
+            return LIBERO_STATE_DIM
+        stats = self.norm_stats.get("state")
+        return None if stats is None else int(stats.mean.shape[-1])
+
+    def _state_layout(self) -> str:
+        if self.transforms.robot == "libero":
+            return "LIBERO: eef position 3, axis-angle 3, gripper 2"
+        return "the length of the state in the norm stats"
+
+    def _warn(self, message: str) -> None:
+        """Log a warning the first time, then at 10, 100, ... repeats (a client repeating it every step would
+        flood the log)."""
+        n = self._warned.get(message, 0) + 1
+        if len(self._warned) < 1000 or n > 1:
+            self._warned[message] = n
+        if n == 1 or (n >= 10 and str(n).strip("0") == "1"):
+            logger.warning("%s%s", message, f" (seen {n} times)" if n > 1 else "")
 
     def to_observation(self, prepared: list[dict]):
         """Stack prepared inputs into a batched model Observation (uint8 -> x/255*2-1, as openpi does)."""
@@ -310,7 +370,10 @@ class Preprocessor:
             actions[..., :d] += state[..., :d][None, :]
         if t.action_dims is not None:
             actions = actions[..., : t.action_dims]
-        return {"actions": np.asarray(actions)}
+        out = {"actions": np.asarray(actions)}
+        if prepared.get("warnings"):
+            out["input_warnings"] = list(prepared["warnings"])
+        return out
 
     def example_observation(self) -> dict:
         """An all-black request of the right shape (warm-up, health checks)."""
@@ -377,6 +440,9 @@ class ModelPolicy(BasePolicy):
         results = []
         for p, a in zip(prepared, actions):
             out = self.pre.finish(p, a)
+            if not np.isfinite(out["actions"]).all():  # never hand a robot NaN actions
+                raise RuntimeError("the model produced non-finite actions for finite inputs (a broken "
+                                   "checkpoint, or quantization overflow in --dtype float16)")
             out["policy_timing"] = {"infer_ms": model_ms}
             results.append(out)
         return results
@@ -424,6 +490,7 @@ class PolicySpec:
     quantize: object | None = None  # a duquant.config.DuQuantConfig, or None for float
     calib: str | None = None
     calib_batch_size: int = 2
+    state_pad: str = "error"  # error | zero: what a state shorter than the policy expects gets
     extra_metadata: dict = field(default_factory=dict)
 
 
@@ -487,6 +554,9 @@ def build_preprocessor(spec: PolicySpec, cfg, info=None, log=None) -> Preprocess
     changes["discrete_state_input"] = bool(dsi and cfg.pi05)
     if spec.default_prompt is not None:
         changes["default_prompt"] = spec.default_prompt
+    if spec.state_pad not in STATE_PAD_POLICIES:
+        raise ValueError(f"unknown state pad policy {spec.state_pad!r}; choose one of {list(STATE_PAD_POLICIES)}")
+    changes["state_pad"] = spec.state_pad
     return Preprocessor(cfg, replace(t, **changes), norm_stats, _resolve_tokenizer(spec, cfg))
 
 
@@ -532,6 +602,26 @@ def create_policy(spec: PolicySpec, log=None) -> ModelPolicy:
                noise_seed=spec.noise_seed, metadata=metadata)
 
 
+def logged_calibration(batches: list, log, every_s: float = 5.0):
+    """`workflows.calibration_fn` over `batches` (same noise seeds, so the same statistics), logging progress:
+    the first batch, then at most every `every_s` seconds, then the last."""
+    from duquant import workflows as wf
+
+    def run(model) -> None:
+        start = last = time.monotonic()
+        log(f"calibration: {len(batches)} batches")
+        for i, obs in enumerate(batches):
+            wf.calibration_fn([obs], progress=False, seed=1234 + i)(model)
+            now = time.monotonic()
+            if i == 0 or i == len(batches) - 1 or now - last >= every_s:
+                last = now
+                rate = (now - start) / (i + 1)
+                log(f"calibration: batch {i + 1}/{len(batches)}, {now - start:.1f} s elapsed, "
+                    f"about {rate * (len(batches) - i - 1):.0f} s left")
+
+    return run
+
+
 def _quantize(model, spec: PolicySpec, log) -> dict:
     from duquant import workflows as wf
     from duquant.api import quantize
@@ -543,11 +633,19 @@ def _quantize(model, spec: PolicySpec, log) -> dict:
     if spec.calib:
         calib = wf.load_calibration_file(spec.calib, spec.calib_batch_size)
         source = spec.calib
+        if len(calib) < qcfg.calib_steps:
+            logger.warning("calibration file %s holds %d observations (%d batches of %d), fewer than "
+                           "--calib-steps %d: calibrating on those %d batches", spec.calib,
+                           sum(o.batch_size for o in calib), len(calib), spec.calib_batch_size,
+                           qcfg.calib_steps, len(calib))
     else:
         calib = wf.synthetic_observations(model, qcfg.calib_steps, spec.calib_batch_size, seed=0)
         source = "synthetic"
     log(f"quantizing ({qcfg.method} {qcfg.bits_label}, calibration: {source}, packs: {qcfg.packdir})")
-    report = quantize(model, qcfg, calibrate=wf.calibration_fn(calib, qcfg.calib_steps, progress=False))
+    report = quantize(model, qcfg, calibrate=logged_calibration(calib[: qcfg.calib_steps], log), progress=False)
+    if not report.dryrun:
+        log(f"quantized {report.num_layers} layers in {report.calibration_seconds + report.quantization_seconds:.1f} s "
+            f"(packs: {report.pack_hits} reused, {report.pack_misses} computed)")
     if report.dryrun:
         return {"dryrun": True, "lines": list(report.lines)}
     return {

@@ -3,8 +3,10 @@
 Per connection: the server sends msgpack(metadata) first, then answers each binary msgpack request (an
 observation dict) with msgpack(policy output + `server_timing` {infer_ms, prev_total_ms}). A request that
 fails is answered as openpi does: one text frame holding the traceback, then close code 1011; other
-connections are not affected. `GET /healthz` -> 200 "OK\\n" (the server listens only once the policy is warm,
-so OK means ready).
+connections are not affected. `GET /healthz` -> 200 "OK\\n" followed by one JSON line of counters (requests
+served, errors, refused inputs, failed batches retried one by one, batches); the server listens only once the
+policy is warm, so OK means ready. A request the policy refuses (`guards.InputError`: non-finite values, a
+wrong state length, a malformed observation) is logged as one line; any other failure with its traceback.
 
 Unlike openpi's server, inference runs on one worker thread, off the event loop (keepalive pings are answered
 during long calls), requests from several connections go through a bounded queue (a full queue makes senders
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import http
+import json
 import logging
 import signal
 import time
@@ -30,15 +33,19 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.frames import CloseCode
 
 from duquant.serve import wire
+from duquant.serve.guards import InputError
 
 logger = logging.getLogger("duquant.serve")
 ERROR_REASON = "Internal server error. Traceback included in previous frame."
 
 
-def _health_check(connection: ServerConnection, request):
-    if request.path == "/healthz":
-        return connection.respond(http.HTTPStatus.OK, "OK\n")
-    return None
+def _health_check(stats: dict):
+    def check(connection: ServerConnection, request):
+        if request.path == "/healthz":
+            return connection.respond(http.HTTPStatus.OK, "OK\n" + json.dumps(stats, sort_keys=True) + "\n")
+        return None
+
+    return check
 
 
 class PolicyServer:
@@ -58,7 +65,8 @@ class PolicyServer:
         self.max_request_bytes = max_request_bytes
         self.warmup = warmup
         self.bound_port: int | None = None
-        self.stats = {"requests": 0, "errors": 0, "batches": 0, "max_batch_seen": 0}
+        self.stats = {"requests": 0, "errors": 0, "refused": 0, "batch_failures": 0, "batches": 0,
+                      "max_batch_seen": 0}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duquant-infer")
         self._queue: asyncio.Queue | None = None
 
@@ -73,7 +81,11 @@ class PolicyServer:
                 return [err]
         try:
             return list(self.policy.infer_batch(observations))
-        except Exception:  # noqa: BLE001
+        except Exception as err:  # noqa: BLE001
+            self.stats["batch_failures"] += 1
+            logger.warning("a batch of %d requests failed (%s: %s); running each alone so only the bad ones "
+                           "fail (%d failed batches so far)", len(observations), type(err).__name__, err,
+                           self.stats["batch_failures"])
             return [self._run_batch([o])[0] for o in observations]
 
     async def _batcher(self) -> None:
@@ -131,10 +143,14 @@ class PolicyServer:
                 start = time.monotonic()
                 message = await ws.recv()
                 if isinstance(message, str):
-                    raise TypeError("expected a binary msgpack frame (an observation dict), got a text frame")
-                obs = wire.unpackb(message)
+                    raise InputError("expected a binary msgpack frame (an observation dict), got a text frame")
+                try:
+                    obs = wire.unpackb(message)
+                except Exception as err:  # noqa: BLE001 - msgpack raises several types for bad bytes
+                    raise InputError(f"the request is not a msgpack observation ({type(err).__name__}: {err})") \
+                        from err
                 if not isinstance(obs, dict):
-                    raise TypeError(f"an observation must be a msgpack map, got {type(obs).__name__}")
+                    raise InputError(f"an observation must be a msgpack map, got {type(obs).__name__}")
                 infer_start = time.monotonic()
                 result = await self._infer(obs)
                 timing = {"infer_ms": (time.monotonic() - infer_start) * 1000}
@@ -148,10 +164,14 @@ class PolicyServer:
             except websockets.ConnectionClosed:
                 logger.info("connection from %s closed", peer)
                 break
-            except Exception:  # noqa: BLE001 - answered as openpi does; other connections go on
+            except Exception as err:  # noqa: BLE001 - answered as openpi does; other connections go on
                 self.stats["errors"] += 1
                 tb = traceback.format_exc()
-                logger.error("request from %s failed:\n%s", peer, tb)
+                if isinstance(err, InputError):
+                    self.stats["refused"] += 1
+                    logger.warning("refused a request from %s: %s", peer, err)
+                else:
+                    logger.error("request from %s failed:\n%s", peer, tb)
                 try:
                     await ws.send(tb)
                     await ws.close(code=CloseCode.INTERNAL_ERROR, reason=ERROR_REASON)
@@ -179,7 +199,7 @@ class PolicyServer:
                 self.port,
                 compression=None,
                 max_size=self.max_request_bytes,
-                process_request=_health_check,
+                process_request=_health_check(self.stats),
             ) as server:
                 self.bound_port = server.sockets[0].getsockname()[1]
                 if ready is not None:
