@@ -6,8 +6,11 @@ launch configurations / precisions). Writes act_kernel.{json,md} to --out (defau
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
-from duquant.kernels.bench import bench_act
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_bench import bench_act  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))

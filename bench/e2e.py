@@ -1,20 +1,151 @@
-"""pi0 / pi0.5 `sample_actions` end to end on CUDA: bf16 vs DuQuant W4A8 (gpu backend), both captured in CUDA
-graphs; peak memory and resident weight bytes. Writes e2e.{json,md} to --out (default $OUT).
+"""pi0 / pi0.5 `sample_actions` end to end on CUDA, every variant captured whole in one CUDA graph.
 
-    PYTHONPATH=src python3 bench/e2e.py [--models pi0,pi05] [--batches 1,16] [--out DIR]
+Variants (all on the same full-size random-weight model, bf16 activations):
+  bf16 plain      the readable model as it is, captured in one graph (no fusion, no compile)
+  bf16 fast       duquant.runtime.optimize: fused q/k/v and gate/up, compiled blocks, one graph
+  w4a8 / w8a8     DuQuant on llm+vision (expert bf16) or on every part, gpu backend, plus the same fast path
+Each variant's actions are checked against the plain eager model's on the same inputs (relative error printed);
+the run exits non-zero if any capture fails or any fast-path output disagrees beyond the tolerance. Nothing is
+ever timed in another mode than the one named.
+
+    PYTHONPATH=src python3 bench/e2e.py [--models pi0,pi05] [--batches 1,16] [--variants ...] [--out DIR]
 """
 
+from __future__ import annotations
+
 import argparse
+import copy
+import gc
+import json
 import os
+import sys
+import time
+from pathlib import Path
 
-from duquant.kernels.bench import bench_e2e
+import torch
 
-p = argparse.ArgumentParser()
-p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
-p.add_argument("--models", default="pi0")
-p.add_argument("--batches", default="1")
-p.add_argument("--iters", type=int, default=10)
-p.add_argument("--skip-all", action="store_true", help="only bf16 and W4A8 llm+vision (expert bf16)")
-a = p.parse_args()
-bench_e2e(a.out, models=tuple(a.models.split(",")), batches=tuple(int(b) for b in a.batches.split(",")),
-          iters=a.iters, skip_all=a.skip_all)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_bench import env_info, quantize_synthetic  # noqa: E402
+
+from duquant.models import build_policy, make_synthetic_observation  # noqa: E402
+from duquant.runtime import CapturedPolicy, compile_blocks, fuse_projections  # noqa: E402
+
+# name -> (quantized parts, weight bits, fuse + compile)
+VARIANTS = {
+    "bf16 plain": ((), 0, False),
+    "bf16 fast": ((), 0, True),
+    "w4a8 llm+vision fast": (("llm", "vision"), 4, True),
+    "w4a8 all fast": (("llm", "vision", "expert"), 4, True),
+    "w8a8 llm+vision fast": (("llm", "vision"), 8, True),
+}
+TOLERANCE = {"bf16": 0.05, "quant": 0.5}  # relative L2 error of actions vs the plain eager model (see docs/gpu.md)
+
+
+def time_replays(captured: CapturedPolicy, iters: int) -> float:
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        captured.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def run(models, batches, variants, iters: int, out: Path) -> int:
+    rows, failures = [], []
+    for name in models:
+        base = build_policy(name, device="cuda", dtype=torch.bfloat16)
+        for batch in batches:
+            obs = make_synthetic_observation(base.config, batch_size=batch, seed=0).to("cuda")
+            noise = torch.randn(batch, base.config.action_horizon, base.config.action_dim, device="cuda",
+                                generator=torch.Generator("cuda").manual_seed(0))
+            with torch.no_grad():
+                ref = base.sample_actions(obs, noise=noise)
+            for vname in variants:
+                parts, wbits, fast = VARIANTS[vname]
+                model = copy.deepcopy(base) if (parts or fast) else base
+                if parts:
+                    from duquant import kernels
+
+                    quantize_synthetic(model, parts, wbits)
+                    kernels.prepare_gpu_model(model)
+                t0 = time.perf_counter()
+                if fast:
+                    fuse_projections(model)
+                    compile_blocks(model)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                try:
+                    captured = CapturedPolicy(model, obs)
+                except Exception as err:  # a benchmark that cannot capture does not time anything else
+                    failures.append(f"{name} b{batch} {vname}: {err}")
+                    print("CAPTURE FAILED:", failures[-1][:2000], flush=True)
+                    continue
+                prep_s = time.perf_counter() - t0
+                actions = captured(obs, noise)
+                err = rel_err(actions, ref)
+                tol = TOLERANCE["quant" if parts else "bf16"]
+                if not err <= tol:
+                    failures.append(f"{name} b{batch} {vname}: actions differ from the plain eager model by {err:.3g}")
+                ms = time_replays(captured, iters)
+                peak = torch.cuda.max_memory_allocated() / 1e9
+                row = {"model": name, "batch": batch, "variant": vname, "ms": round(ms, 3),
+                       "rel err vs eager": float(f"{err:.3g}"), "prepare s": round(prep_s, 1),
+                       "peak GB": round(peak, 2)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                del captured, model
+                gc.collect()
+                torch.cuda.empty_cache()
+                torch._dynamo.reset()
+        del base
+        gc.collect()
+        torch.cuda.empty_cache()
+    for r in rows:
+        plain = next((x for x in rows if (x["model"], x["batch"], x["variant"]) == (r["model"], r["batch"],
+                                                                                     "bf16 plain")), None)
+        fast = next((x for x in rows if (x["model"], x["batch"], x["variant"]) == (r["model"], r["batch"],
+                                                                                    "bf16 fast")), None)
+        r["vs bf16 plain"] = round(plain["ms"] / r["ms"], 3) if plain else None
+        r["vs bf16 fast"] = round(fast["ms"] / r["ms"], 3) if fast else None
+    info = env_info()
+    info["commit"] = os.environ.get("DUQUANT_COMMIT", "unknown")
+    cols = ["model", "batch", "variant", "ms", "vs bf16 fast", "vs bf16 plain", "rel err vs eager", "peak GB",
+            "prepare s"]
+    md = [f"`sample_actions` (10 steps), full-size random weights, {info['gpu']}, torch {info['torch']}, commit "
+          f"{info['commit']}, {info['date']}; median of {iters} replays of one whole-call CUDA graph per variant.",
+          "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(str(r.get(c)) for c in cols) + " |" for r in rows]
+    if failures:
+        md += ["", "FAILURES:"] + [f"- {f}" for f in failures]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "e2e.json").write_text(json.dumps({"env": info, "rows": rows, "failures": failures}, indent=1))
+    (out / "e2e.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 1 if failures else 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    p.add_argument("--models", default="pi0")
+    p.add_argument("--batches", default="1")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
+    p.add_argument("--iters", type=int, default=20)
+    a = p.parse_args()
+    variants = [v.strip() for v in a.variants.split(",")]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    return run(a.models.split(","), [int(b) for b in a.batches.split(",")], variants, a.iters, Path(a.out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

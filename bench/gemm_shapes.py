@@ -6,8 +6,11 @@ FP8 `_scaled_mm` and `_int_mm`. Writes gemm_shapes.{json,md} to --out (default $
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
-from duquant.kernels.bench import PI0_GEMMS, bench_gemm
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_bench import PI0_GEMMS, bench_gemm  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))

@@ -7,8 +7,11 @@ resident weight bytes. Writes layer_stack.{json,md} to --out (default $OUT).
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
-from duquant.kernels.bench import bench_stack
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_bench import bench_stack  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))

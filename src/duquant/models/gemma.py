@@ -7,9 +7,10 @@ Follows openpi's patched transformers Gemma (`models_pytorch/transformers_replac
 - GeGLU MLP with tanh-approximated GELU; attention with one KV head shared by all query heads, RoPE
   (rotate-half convention, theta 1e4) applied in the stream's dtype, scale head_dim ** -0.5.
 - No sqrt(width) scaling inside the model (openpi comments it out; the policy scales language embeddings itself).
-Attention goes through `F.scaled_dot_product_attention` with an additive mask (openpi's -2.3819763e38 for
-"masked", so a fully masked row stays finite). The joint prefix + suffix forward lives in `pi0.py`, which calls
-the per-layer pieces below (`project_qkv`, `attend`, `finish`).
+Attention is openpi's eager formulation (scores, additive mask with openpi's -2.3819763e38 for "masked" so a fully
+masked row stays finite, float32 softmax), grouped so the one KV head is never copied per query head. The joint
+prefix + suffix forward lives in `pi0.py`, which calls the per-layer pieces below (`project_qkv`, `attend`,
+`finish`).
 """
 
 from __future__ import annotations
@@ -66,14 +67,28 @@ def mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """q (B, H, T, hd), k/v (B, KV, S, hd), bias (B, 1, T, S) -> (B, T, H * hd)."""
+    """q (B, H, T, hd), k/v (B, KV, S, hd), bias (B, 1, T, S) -> (B, T, H * hd).
+
+    Grouped-query attention as openpi's eager Gemma computes it (scores in the stream's dtype, softmax in float32),
+    with each KV head's query heads stacked along the query axis: one batched GEMM per product and no copy of the
+    shared keys and values (Gemma's one KV head is read once for all 8 query heads)."""
     B, H, T, hd = q.shape
     KVh, S = k.shape[1], k.shape[2]
-    if KVh != H:  # grouped-query attention: every query head of a group reads the same KV head (no copy for KV=1)
-        k = k[:, :, None].expand(B, KVh, H // KVh, S, hd).reshape(B, H, S, hd)
-        v = v[:, :, None].expand(B, KVh, H // KVh, S, hd).reshape(B, H, S, hd)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=hd ** -0.5)  # (B, H, T, hd)
-    return y.transpose(1, 2).reshape(B, T, H * hd)
+    qg = q.reshape(B, KVh, (H // KVh) * T, hd)  # heads of a group are consecutive: (B, KV, G*T, hd)
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * hd ** -0.5  # (B, KV, G*T, S)
+    scores = scores.view(B, H, T, S) + bias
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    y = torch.matmul(probs.view(B, KVh, (H // KVh) * T, S), v)  # (B, KV, G*T, hd)
+    return y.view(B, H, T, hd).transpose(1, 2).reshape(B, T, H * hd)
+
+
+def fused_linear(x: torch.Tensor, weight: torch.Tensor | None, parts: tuple[nn.Module, ...],
+                 bias: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """The outputs of `parts` (Linears reading the same input): one GEMM on their concatenated weight when
+    `runtime.fuse_projections` made one (and every part is still that plain Linear), else one call per part."""
+    if weight is not None and all(type(p) is nn.Linear for p in parts):
+        return F.linear(x, weight, bias).split([p.out_features for p in parts], dim=-1)
+    return tuple(p(x) for p in parts)
 
 
 class GemmaAttention(nn.Module):
@@ -84,13 +99,17 @@ class GemmaAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.width, bias=False)
+        # [q; k; v] weights in one matrix, set by `duquant.runtime.fuse_projections` (not saved: the three Linears
+        # keep openpi's names and views of it).
+        self.register_buffer("qkv_weight", None, persistent=False)
 
     def project_qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h (B, T, width) -> q (B, H, T, hd), k and v (B, KV, T, hd), before RoPE."""
         B, T, _ = h.shape
-        q = self.q_proj(h).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(h).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(h).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = fused_linear(h, self.qkv_weight, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return q, k, v
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
@@ -111,9 +130,11 @@ class GemmaMLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.width, cfg.mlp_dim, bias=False)
         self.up_proj = nn.Linear(cfg.width, cfg.mlp_dim, bias=False)
         self.down_proj = nn.Linear(cfg.mlp_dim, cfg.width, bias=False)
+        self.register_buffer("gate_up_weight", None, persistent=False)  # see GemmaAttention.qkv_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        gate, up = fused_linear(x, self.gate_up_weight, (self.gate_proj, self.up_proj))
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:

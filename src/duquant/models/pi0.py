@@ -283,15 +283,18 @@ class PI0Policy(nn.Module):
         num_steps = num_steps or self.config.num_steps
         B, device = observation.batch_size, self.device
         expected = (B, self.config.action_horizon, self.config.action_dim)
-        if noise is None:
-            noise = torch.randn(expected, generator=generator, dtype=torch.float32)
+        if noise is None:  # drawn where the generator lives (the model's device without one)
+            noise = torch.randn(expected, generator=generator, dtype=torch.float32,
+                                device=generator.device if generator is not None else device)
         if tuple(noise.shape) != expected:
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {expected}")
+        # With inputs already on the model's device, everything below is device work: no host->device copy, no
+        # device->host sync, so a CUDA graph can capture the whole call (duquant.runtime.CapturedPolicy).
         obs = preprocess_observation(observation.to(device), self.config.image_keys, self.config.vision.image_size)
         past_kvs, prefix_pad = self.prefix_forward(obs)
         x_t = noise.to(device=device, dtype=torch.float32)
-        times = torch.tensor(euler_times(num_steps), dtype=torch.float32, device=device)
         dt = float(np.float32(-1.0 / num_steps))
-        for i in range(times.shape[0]):
-            x_t = x_t + dt * self.denoise_step(obs.state, prefix_pad, past_kvs, x_t, times[i].expand(B))
+        for t in euler_times(num_steps):  # the times are host constants: each becomes a fill, not a copy
+            timestep = torch.full((B,), t, dtype=torch.float32, device=device)
+            x_t = x_t + dt * self.denoise_step(obs.state, prefix_pad, past_kvs, x_t, timestep)
         return x_t

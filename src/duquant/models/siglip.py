@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from duquant.models.config import SiglipConfig
+from duquant.models.gemma import fused_linear
 
 
 class SiglipEmbeddings(nn.Module):
@@ -36,11 +37,14 @@ class SiglipAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.width, cfg.width)
         self.v_proj = nn.Linear(cfg.width, cfg.width)
         self.out_proj = nn.Linear(cfg.width, cfg.width)
+        # [q; k; v] in one matrix (and bias), set by `duquant.runtime.fuse_projections`; not saved.
+        self.register_buffer("qkv_weight", None, persistent=False)
+        self.register_buffer("qkv_bias", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        q, k, v = (p(x).view(B, N, self.num_heads, C // self.num_heads).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, N, hd)
+        qkv = fused_linear(x, self.qkv_weight, (self.q_proj, self.k_proj, self.v_proj), self.qkv_bias)
+        q, k, v = (t.view(B, N, self.num_heads, C // self.num_heads).transpose(1, 2) for t in qkv)  # (B, H, N, hd)
         y = F.scaled_dot_product_attention(q, k, v)  # scale hd ** -0.5, no mask
         return self.out_proj(y.transpose(1, 2).reshape(B, N, C))
 

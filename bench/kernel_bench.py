@@ -1,5 +1,5 @@
 # ruff: noqa: B023  (timed lambdas run before the loop moves on)
-"""Kernel benchmarks on pi0's shapes (used by bench/*.py and `duquant bench`). CUDA only.
+"""Kernel benchmarks on pi0's shapes (the library of bench/*.py, run through `duquant bench`). CUDA only.
 
 - ``gemm``: every pi0 GEMM shape: bf16 cuBLAS (F.linear), ours (int8 x int8, int8 x packed int4; both
   orientations), torch's own FP8 rowwise ``_scaled_mm`` and ``_int_mm`` (library kernels present with torch),
@@ -240,8 +240,8 @@ def copy_bandwidth() -> float:
 
 
 def bench_act(out_dir, cases=None, sweep: bool = True) -> dict:
-    from duquant.kernels.synthetic import random_transform
     from duquant.kernels.triton_act import _launch_config, act_quant, build_act_plan
+    from duquant.random_layers import random_transform
 
     cases = cases or [(816, 2048), (816, 16384), (51, 1024), (51, 2048), (51, 4096), (768, 1152), (768, 4304)]
     bw = copy_bandwidth()
@@ -295,7 +295,7 @@ def _bf16_group(k, outs, device="cuda"):
 def bench_stack(out_dir, parts=("llm", "expert", "vision"), nlayers: int = 2,
                 formats=(("w4a8", 4, False), ("w8a8", 8, False), ("w8a8-sym", 8, True))) -> dict:
     from duquant.kernels import GpuLinearGroup
-    from duquant.kernels.synthetic import random_group
+    from duquant.random_layers import random_group
 
     rows = []
     for part in parts:
@@ -398,9 +398,9 @@ def quantize_synthetic(model, parts, wbits: int = 4, w_symmetric: bool = False, 
     transforms (searched on random outlier activations, not calibrated: this measures speed and memory only)."""
     from torch import nn
 
-    from duquant.kernels.synthetic import random_transform
     from duquant.layers import DuQuantLinear
     from duquant.quantizers import quantize_weight
+    from duquant.random_layers import random_transform
 
     prefixes = [PART_PREFIX[p] for p in parts]
     n = 0
@@ -430,74 +430,3 @@ def _model_bytes(model) -> tuple[int, int]:
     total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     quant = sum(m.weight_bytes() for m in model.modules() if isinstance(m, DuQuantLinear))
     return total, quant
-
-
-def bench_e2e(out_dir, models=("pi0",), batches=(1,), variants=None, iters: int = 10, skip_all: bool = False
-              ) -> dict:
-    import copy
-
-    from duquant import kernels
-    from duquant.models import build_policy, make_synthetic_observation
-
-    variants = variants or [("bf16", None, 0), ("w4a8 llm+vision (expert bf16)", ("llm", "vision"), 4),
-                            ("w4a8 all", ("llm", "vision", "expert"), 4)]
-    if skip_all:
-        variants = variants[:2]
-    rows = []
-    for name in models:
-        base = build_policy(name, device="cuda", dtype=torch.bfloat16)
-        for batch in batches:
-            obs = make_synthetic_observation(base.config, batch_size=batch).to("cuda")
-            noise = torch.randn(batch, base.config.action_horizon, base.config.action_dim, device="cuda")
-            for vname, parts, wbits in variants:
-                model = base if parts is None else copy.deepcopy(base)
-                nq = 0
-                if parts is not None:
-                    nq = quantize_synthetic(model, parts, wbits)
-                    kernels.prepare_gpu_model(model)
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                with torch.no_grad():
-                    model.sample_actions(obs, noise=noise)  # warm-up (autotune, first-call work)
-                    torch.cuda.synchronize()
-                    peak = torch.cuda.max_memory_allocated()
-                    try:
-                        t = time_graph(lambda model=model: model.sample_actions(obs, noise=noise), iters=iters)
-                        mode = "cuda graph"
-                    except Exception as e:  # noqa: BLE001
-                        print("graph capture failed:", repr(e)[:300], flush=True)
-                        torch.cuda.synchronize()
-                        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        a.record()
-                        for _ in range(iters):
-                            model.sample_actions(obs, noise=noise)
-                        b.record()
-                        b.synchronize()
-                        t = a.elapsed_time(b) * 1000 / iters
-                        mode = "eager"
-                total, quant = _model_bytes(model)
-                if model is not base:  # the bf16 base model stays allocated for the next variant: not counted
-                    peak -= _model_bytes(base)[0]
-                row = {"model": name, "batch": batch, "variant": vname, "ms": t / 1000, "mode": mode,
-                       "quantized layers groups": nq, "peak GB": peak / 1e9, "resident GB": total / 1e9,
-                       "quantized weight GB": quant / 1e9}
-                rows.append(row)
-                print(row, flush=True)
-                if model is not base:
-                    del model
-                    torch.cuda.empty_cache()
-        del base
-        torch.cuda.empty_cache()
-    for r in rows:
-        ref = next(x for x in rows if x["model"] == r["model"] and x["batch"] == r["batch"] and x["variant"] == "bf16")
-        r["vs bf16"] = ref["ms"] / r["ms"]
-    info = env_info()
-    md = (f"`sample_actions` (10 denoising steps), full-size config with random weights, bf16, {info['gpu']}, torch "
-          f"{info['torch']}, {info['date']}; median of {iters} CUDA-graph replays (both paths captured the same way). "
-          f"Quantized variants: DuQuant W4A8 on the named parts' block linears (transforms from random outlier "
-          f"activations: speed and memory only).\n\n" +
-          _table(rows, ["model", "batch", "variant", "ms", "vs bf16", "mode", "peak GB", "resident GB",
-                        "quantized weight GB"]))
-    data = {"env": info, "rows": rows}
-    write(out_dir, "e2e", data, md)
-    return data
