@@ -54,6 +54,13 @@ def time_replays(captured: CapturedPolicy, iters: int) -> float:
     return times[len(times) // 2]
 
 
+def model_bytes(model) -> int:
+    """Bytes of the model's distinct storages (fused projections' Linears are views of one storage)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [*model.parameters(), *model.buffers()]}
+    return sum(storages.values())
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
@@ -82,6 +89,8 @@ def run(models, batches, variants, iters: int, out: Path) -> int:
                     compile_blocks(model)
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+                # The float base stays allocated beside a copied variant: its bytes are not the variant's.
+                held = model_bytes(base) if model is not base else 0
                 try:
                     captured = CapturedPolicy(model, obs)
                 except Exception as err:  # a benchmark that cannot capture does not time anything else
@@ -95,10 +104,10 @@ def run(models, batches, variants, iters: int, out: Path) -> int:
                 if not err <= tol:
                     failures.append(f"{name} b{batch} {vname}: actions differ from the plain eager model by {err:.3g}")
                 ms = time_replays(captured, iters)
-                peak = torch.cuda.max_memory_allocated() / 1e9
+                peak = (torch.cuda.max_memory_allocated() - held) / 1e9
                 row = {"model": name, "batch": batch, "variant": vname, "ms": round(ms, 3),
                        "rel err vs eager": float(f"{err:.3g}"), "prepare s": round(prep_s, 1),
-                       "peak GB": round(peak, 2)}
+                       "peak GB": round(peak, 2), "weights GB": round(model_bytes(model) / 1e9, 2)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 del captured, model
@@ -118,7 +127,7 @@ def run(models, batches, variants, iters: int, out: Path) -> int:
     info = env_info()
     info["commit"] = os.environ.get("DUQUANT_COMMIT", "unknown")
     cols = ["model", "batch", "variant", "ms", "vs bf16 fast", "vs bf16 plain", "rel err vs eager", "peak GB",
-            "prepare s"]
+            "weights GB", "prepare s"]
     md = [f"`sample_actions` (10 steps), full-size random weights, {info['gpu']}, torch {info['torch']}, commit "
           f"{info['commit']}, {info['date']}; median of {iters} replays of one whole-call CUDA graph per variant.",
           "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

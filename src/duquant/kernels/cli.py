@@ -11,7 +11,7 @@ from pathlib import Path
 
 SCRIPTS = {
     "e2e": ("e2e.py", "sample_actions end to end, every variant in one CUDA graph (bf16 plain/fast, W4A8, W8A8)"),
-    "profile": ("profile.py", "where the time of one sample_actions goes, by category (bf16, W4A8)"),
+    "profile": ("breakdown.py", "where the time of one sample_actions goes, by category (bf16, W4A8)"),
     "gemm": ("gemm_shapes.py", "every pi0 GEMM shape: bf16 cuBLAS vs our int8 / int4 kernels vs torch FP8"),
     "act": ("act_kernel.py", "the fused activation kernel against memory bandwidth"),
     "act-transform": ("act_transform.py", "activation-transform kernels against their memory floor"),

@@ -30,7 +30,7 @@ from torch import nn
 
 
 def _channels(width: int, n: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.randperm(width, generator=generator)[:n].sort().values
+    return torch.randperm(width, generator=generator, device=generator.device)[:n].sort().values
 
 
 def _set_gain(norm: nn.Module, ch: torch.Tensor, gain: float) -> None:

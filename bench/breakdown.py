@@ -7,7 +7,7 @@ quantization and the integer GEMMs), anything else (norms, RoPE, residuals, embe
 The profiled run is the eager (uncompiled) model, so every kernel can be attributed; the compiled fast path's
 kernels are listed by name beside it.
 
-    PYTHONPATH=src python3 bench/profile.py [--models pi0] [--variants bf16,w4a8] [--out DIR]
+    PYTHONPATH=src python3 bench/breakdown.py [--models pi0] [--variants bf16,w4a8] [--out DIR]
 """
 
 from __future__ import annotations
