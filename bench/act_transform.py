@@ -152,9 +152,9 @@ def cfg_name(c: dict) -> str:
 
 def run_shape(m, k, transform, bw, args, failures) -> list[dict]:
     from duquant.kernels import reference
-    from duquant.kernels.synthetic import random_activations
     from duquant.kernels.triton_act import act_quant, build_act_plan
     from duquant.kernels.triton_act_tile import act_quant_tile
+    from duquant.random_layers import random_activations
 
     dev = args.device
     plan = build_act_plan(transform, k, dev)
@@ -314,7 +314,7 @@ def main() -> int:
     except ImportError:
         print("act_transform: triton is not installed", file=sys.stderr)
         return 2
-    from duquant.kernels.synthetic import random_transform
+    from duquant.random_layers import random_transform
 
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s] or SHAPES
     torch.manual_seed(0)

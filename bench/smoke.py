@@ -6,9 +6,9 @@ import traceback
 import torch
 
 from duquant.kernels import _gemm_weight, gpu_available, reference
-from duquant.kernels.synthetic import random_activations, random_group
 from duquant.kernels.triton_act import act_quant, build_act_plan
 from duquant.kernels.triton_gemm import int_gemm
+from duquant.random_layers import random_activations, random_group
 
 print(gpu_available(), flush=True)
 fails = 0

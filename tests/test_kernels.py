@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from duquant.kernels import gpu_available, reference
-from duquant.kernels.synthetic import random_activations, random_group, random_layer
 from duquant.quantizers import fake_quantize_activation
+from duquant.random_layers import random_activations, random_group, random_layer
 
 CUDA = torch.cuda.is_available()
 
@@ -88,7 +88,7 @@ _INTERP_SCRIPT = textwrap.dedent("""
 
     interp._patch_lang_tensor = _patched
     from duquant.kernels import reference
-    from duquant.kernels.synthetic import random_group, random_activations
+    from duquant.random_layers import random_group, random_activations
     from duquant.kernels.triton_act import act_quant, build_act_plan
     from duquant.kernels.triton_gemm import int_gemm
     from duquant.kernels import _gemm_weight

@@ -20,7 +20,7 @@ _SCRIPT = textwrap.dedent("""
 
     interp._patch_lang_tensor = _patched
     from duquant.kernels import reference
-    from duquant.kernels.synthetic import random_activations, random_group
+    from duquant.random_layers import random_activations, random_group
     from duquant.kernels.triton_act import build_act_plan
     from duquant.kernels.triton_act_tile import act_quant_tile
 

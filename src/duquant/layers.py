@@ -1,12 +1,12 @@
 """DuQuantLinear: the drop-in replacement for a selected nn.Linear.
 
-It stores what the format says (packed 4-bit codes or 8-bit codes, per-channel scales and zero points, the
-layer's transform) and runs one of two backends:
+It stores what its format says (``duquant.formats``: packed 4-bit or 8-bit integer codes, or fp8 bytes, scales
+and zero points, the layer's transform) and runs one of two backends, both chosen by the format:
 
-- ``fake``: the reference. Transform the activation online, quantize-dequantize it per token, multiply by the
-  dequantized weight. Works on CPU and CUDA, in fp32/bf16/fp16.
-- ``gpu``: the Triton kernels in ``duquant.kernels`` on the same buffers; an error (never a silent fallback)
-  when they cannot run.
+- ``fake``: the reference. Transform the activation online, quantize-dequantize it as the format says (per-token
+  int8 / int4, fp8, or not at all for weight-only formats), multiply by the dequantized weight. Works on CPU and
+  CUDA, in fp32/bf16/fp16.
+- ``gpu``: the format's GPU kernels on the same buffers; an error (never a silent fallback) when they cannot run.
 """
 
 from __future__ import annotations
@@ -15,11 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from duquant.quantizers import (
-    QuantizedWeight,
-    fake_quantize_activation,
-    fake_quantize_activation_static,
-)
+from duquant import formats
+from duquant.quantizers import QuantizedWeight
 from duquant.transform import LayerTransform
 
 
@@ -29,8 +26,11 @@ class DuQuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, *, qweight: QuantizedWeight,
                  transform: LayerTransform, bias: torch.Tensor | None, abits: int, act_symmetric: bool = False,
                  act_clip: float = 0.9, act_static: tuple[float, float] | None = None, method: str = "duquant",
-                 backend: str = "fake", out_rotation: torch.Tensor | None = None):
+                 backend: str = "fake", out_rotation: torch.Tensor | None = None, format: str | None = None):
         super().__init__()
+        # the format's name: given (w8a8-fp8, ...), else the integer format the bits mean (w4a8, w8a8, w4a16)
+        self.format = format or formats.name_for_bits(qweight.bits, abits)
+        formats.get(self.format)  # an unknown name fails here, not at the first forward
         self.in_features = in_features
         self.out_features = out_features
         self.wbits = qweight.bits
@@ -51,11 +51,33 @@ class DuQuantLinear(nn.Module):
         self._weight_cache: dict[tuple, torch.Tensor] = {}
         self._gpu_state = None
 
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, format: str, *, transform: LayerTransform | None = None,
+                    w_symmetric: bool = False, w_clip: float = 1.0, group_size: int | None = None,
+                    act_symmetric: bool = False, act_clip: float = 1.0, method: str = "rtn",
+                    backend: str = "fake") -> DuQuantLinear:
+        """A layer of the named format from a float ``nn.Linear``: the transform (identity when None) folded into
+        the weight, then the format's weight quantizer. For formats without an online transform (``w4a16``) a
+        non-identity transform is an error."""
+        fmt = formats.get(format)
+        k, n = linear.in_features, linear.out_features
+        t = transform if transform is not None else LayerTransform(k, 128, kind="rtn")
+        if not fmt.online_transform and not t.is_identity:
+            raise formats.FormatError(f"{fmt.name} runs without an activation transform; got a {t.kind!r} one")
+        w = linear.weight.detach()
+        w_t = t.fold_into_weight(w.float())
+        qw = fmt.quantize_weight(w_t, bits=fmt.wbits, symmetric=w_symmetric, clip=w_clip, group_size=group_size)
+        return cls(k, n, qweight=qw, transform=t, bias=linear.bias, abits=fmt.abits, act_symmetric=act_symmetric,
+                   act_clip=act_clip, method=method, backend=backend, format=fmt.name).to(w.device)
+
     # ---- storage ------------------------------------------------------------------------------------------------
+    @property
+    def fmt(self) -> formats.Format:
+        return formats.get(self.format)
+
     def quantized_weight(self) -> QuantizedWeight:
-        return QuantizedWeight.from_packed(self.qweight, self.w_scale, self.w_zero, bits=self.wbits,
-                                           symmetric=self.w_symmetric, group_size=self.w_group_size,
-                                           shape=(self.out_features, self.in_features))
+        """The stored weight as its format's container (``QuantizedWeight`` for integer formats)."""
+        return self.fmt.weight_from_buffers(self)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight in the rotated basis (what the integer GEMM multiplies), dequantized."""
@@ -79,7 +101,13 @@ class DuQuantLinear(nn.Module):
         return self.transform.num_bytes()
 
     def _apply(self, fn, recurse=True):  # keep the transform on the same device as the buffers
+        # model.to(dtype) must not convert the stored format: codes, scales and zero points keep their dtype
+        stored = {n: getattr(self, n) for n in ("qweight", "w_scale", "w_zero") if getattr(self, n) is not None}
         super()._apply(fn, recurse)
+        for n, old in stored.items():
+            new = getattr(self, n)
+            if new.dtype != old.dtype:  # take the move, not the conversion
+                setattr(self, n, old.to(device=new.device))
         probe = fn(torch.zeros(1, device=self.qweight.device))
         self.transform = self.transform.to(probe.device)
         self._weight_cache = {}
@@ -88,20 +116,13 @@ class DuQuantLinear(nn.Module):
 
     # ---- compute ------------------------------------------------------------------------------------------------
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Online transform + activation quantize-dequantize, in float32."""
-        xt = self.transform.apply(x.float())
-        if self.abits in (0, 16):
-            return xt
-        if self.act_static is not None:
-            scale, zero = self.act_static
-            return fake_quantize_activation_static(xt, scale, zero, self.abits, self.act_symmetric)
-        return fake_quantize_activation(xt, self.abits, symmetric=self.act_symmetric, clip=self.act_clip)
+        """Online transform + activation quantize-dequantize as the format says, in float32."""
+        return self.fmt.quantize_input(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "gpu":
             return self._forward_gpu(x)
-        xq = self.quantize_input(x).to(x.dtype)
-        y = F.linear(xq, self.dequantized_weight(x.dtype))
+        y = self.fmt.fake_linear(self, x)
         if self.out_rotation is not None:
             y = _restore_rows(y, self.out_rotation)
         if self.bias is not None:
@@ -109,24 +130,29 @@ class DuQuantLinear(nn.Module):
         return y
 
     def _forward_gpu(self, x: torch.Tensor) -> torch.Tensor:
-        from duquant import kernels
-
         if self._gpu_state is None:
-            ok, why = kernels.gpu_available()
-            if not ok:
-                raise RuntimeError(f"backend 'gpu' cannot run: {why}. Use --backend fake "
-                                   "(OPENPI_DUQUANT_BACKEND=fake) for the reference path.")
+            if not x.is_cuda:
+                raise RuntimeError("backend 'gpu' needs CUDA inputs; move the model with .cuda()")
             if self.out_rotation is not None:
                 raise RuntimeError("backend 'gpu' does not implement the output-side rotation (ROW_ROT=restore); "
                                    "use ROW_ROT=0 with the gpu backend")
-            if not x.is_cuda:
-                raise RuntimeError("backend 'gpu' needs CUDA inputs; move the model with .cuda()")
-            self._gpu_state = kernels.prepare_gpu_linear(self)
-        return kernels.gpu_linear(x, self._gpu_state)
+            self.prepare_gpu_group([self])  # a lone layer; kernels.prepare_gpu_model groups shared inputs
+        return self.fmt.gpu_forward(self._gpu_state, x)
+
+    # the protocol kernels.prepare_gpu_model groups and prepares layers by (it knows no layer class)
+    def gpu_group_key(self) -> tuple:
+        return self.fmt.gpu_group_key(self)
+
+    def prepare_gpu_group(self, layers: list, share_storage: bool = True) -> list:
+        """Kernel states of `layers` (this one among them, same group key), stored as each ``_gpu_state``. Raises
+        ``kernels.GpuBackendError`` naming why when the format's kernels cannot run here."""
+        states = self.fmt.gpu_prepare(list(layers), share_storage=share_storage)
+        for layer, st in zip(layers, states):
+            layer._gpu_state = st
+        return states
 
     def extra_repr(self) -> str:
-        a = self.abits if self.abits not in (0, 16) else 16
-        return (f"in_features={self.in_features}, out_features={self.out_features}, W{self.wbits}A{a}, "
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
                 f"method={self.method}, block={self.transform.block_size}, backend={self.backend}")
 
 

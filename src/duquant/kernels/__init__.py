@@ -4,11 +4,13 @@ Public API (importing this package never needs triton or CUDA; the kernels load 
 
 - ``gpu_available() -> (ok, reason)``: whether the kernels can run here, and why not (no CUDA, no triton,
   compute capability < 8.0).
-- ``prepare_gpu_model(model)``: builds the kernel state of every DuQuantLinear in a model, grouping the layers that
-  share an input (same transform object: q/k/v, gate/up) so their activation transform + quantization runs once
-  and their GEMMs run as one fused GEMM. Call it after ``model.cuda()``; layers not prepared this way are prepared
-  alone on their first forward.
-- ``prepare_gpu_linear(layer_or_layers) -> GpuLinearState`` (or a list of states for a group).
+- ``prepare_gpu_model(model)``: builds the kernel state of every quantized layer in a model (any module with
+  ``gpu_group_key()`` / ``prepare_gpu_group()``, i.e. ``layers.DuQuantLinear``: its format picks the backend),
+  grouping the layers that share an input (same transform object: q/k/v, gate/up) so their activation transform +
+  quantization runs once and their GEMMs run as one fused GEMM. Call it after ``model.cuda()``; layers not
+  prepared this way are prepared alone on their first forward.
+- ``prepare_gpu_linear(layer_or_layers) -> GpuLinearState`` (or a list of states for a group): the integer
+  kernels' state of layers with 8-bit integer activations (duck-typed: this package knows no layer class).
 - ``gpu_linear(x, state) -> y``: the layer's output (x's dtype), what ``DuQuantLinear.forward`` calls when
   ``backend == "gpu"``.
 - ``reference``: the eager torch spec of the kernels (CPU reference path).
@@ -30,6 +32,7 @@ __all__ = [
     "GpuBackendError",
     "GpuLinearGroup",
     "GpuLinearState",
+    "check_gpu",
     "gpu_available",
     "gpu_linear",
     "prepare_gpu_linear",
@@ -58,7 +61,8 @@ def gpu_available() -> tuple[bool, str]:
                  f"{triton.__version__}"
 
 
-def _check_backend() -> None:
+def check_gpu() -> None:
+    """Raise GpuBackendError naming why the kernels cannot run here."""
     ok, why = gpu_available()
     if not ok:
         raise GpuBackendError(f"backend 'gpu' cannot run: {why}")
@@ -160,8 +164,10 @@ class GpuLinearGroup:
     """Layers sharing one input: one activation transform + quantization, one fused GEMM per weight format."""
     layers: list
     share_storage: bool = True
-    precision: str = field(default_factory=lambda: os.environ.get("DUQUANT_ACT_PRECISION", "tf32"))
+    precision: str = field(default_factory=lambda: os.environ.get("DUQUANT_ACT_PRECISION", ""))
     variant: str | None = None
+    # activation kernel: "fused" (triton_act), "split" (triton_act, three launches), "tile" (triton_act_tile)
+    act_impl: str = field(default_factory=lambda: os.environ.get("DUQUANT_ACT_IMPL", "fused"))
 
     def __post_init__(self):
         from duquant.kernels.triton_act import build_act_plan
@@ -175,6 +181,10 @@ class GpuLinearGroup:
         self.symmetric = bool(first.act_symmetric)
         self.clip = float(first.act_clip)
         self.plan = build_act_plan(first.transform, first.in_features, first.qweight.device)
+        if self.act_impl not in ("fused", "split", "tile"):
+            raise GpuBackendError(f"DUQUANT_ACT_IMPL={self.act_impl!r}: use fused, split or tile")
+        # tile: fp16 operands with per-token power-of-two scaling round like tf32, at twice its rate
+        self.precision = self.precision or ("fp16" if self.act_impl == "tile" else "tf32")
         self.out_total = sum(la.out_features for la in self.layers)
         # fuse members with the same weight format
         sets: dict[tuple, list[int]] = {}
@@ -189,7 +199,6 @@ class GpuLinearGroup:
         return sum(w.num_bytes() for _, w in self.gemms) + self.plan.num_bytes()
 
     def forward_all(self, x2: torch.Tensor) -> list[torch.Tensor]:
-        from duquant.kernels.triton_act import act_quant
         from duquant.kernels.triton_gemm import int_gemm
 
         outs: list = [None] * len(self.layers)
@@ -197,13 +206,25 @@ class GpuLinearGroup:
         for idx, w in self.gemms:
             layout = w.act_layout
             if layout not in acts:
-                acts[layout] = act_quant(x2, self.plan, symmetric=self.symmetric, clip=self.clip, layout=layout,
-                                         precision=self.precision)
+                acts[layout] = self._act(x2, layout)
             codes, sx, zx, rs = acts[layout]
             ys = int_gemm(codes, sx, zx, rs, w, out_dtype=x2.dtype, variant=self.variant)
             for i, y in zip(idx, ys):
                 outs[i] = y
         return outs
+
+    def _act(self, x2: torch.Tensor, layout: str):
+        if self.act_impl == "tile" and self.plan.fused:
+            from duquant.kernels.triton_act_tile import act_quant_tile
+
+            return act_quant_tile(x2, self.plan, symmetric=self.symmetric, clip=self.clip, layout=layout,
+                                  precision=self.precision)
+        from duquant.kernels.triton_act import act_quant
+
+        impl = "fused" if self.act_impl == "tile" else self.act_impl
+        precision = "tf32" if self.precision == "fp16" else self.precision
+        return act_quant(x2, self.plan, symmetric=self.symmetric, clip=self.clip, layout=layout,
+                         precision=precision, impl=impl)
 
     def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """Member `index`'s output for x; the first member asked computes all of them for this x."""
@@ -223,7 +244,7 @@ class GpuLinearGroup:
 def prepare_gpu_linear(layer_or_layers, share_storage: bool = True):
     """Kernel state of one DuQuantLinear (-> GpuLinearState) or of layers sharing an input (-> list of states,
     also stored on each layer as ``_gpu_state``). Uses the layers' packed buffers as they are."""
-    _check_backend()
+    check_gpu()
     layers = list(layer_or_layers) if isinstance(layer_or_layers, (list, tuple)) else [layer_or_layers]
     group = GpuLinearGroup(layers, share_storage=share_storage)
     states = [GpuLinearState(group, i, la.in_features, la.out_features) for i, la in enumerate(layers)]
@@ -232,21 +253,20 @@ def prepare_gpu_linear(layer_or_layers, share_storage: bool = True):
     return states if isinstance(layer_or_layers, (list, tuple)) else states[0]
 
 
-def prepare_gpu_model(model: torch.nn.Module, share_storage: bool = True) -> dict[str, GpuLinearState]:
-    """Prepare every DuQuantLinear of `model` for the gpu backend, grouping layers that share a transform object
-    and activation settings. Returns {module name: state}."""
-    from duquant.layers import DuQuantLinear
-
-    _check_backend()
+def prepare_gpu_model(model: torch.nn.Module, share_storage: bool = True) -> dict:
+    """Prepare every quantized layer of `model` for the gpu backend: modules with ``gpu_group_key()`` are grouped
+    by it (layers sharing a transform object and activation settings) and each group is prepared by its first
+    member's ``prepare_gpu_group`` (the layer's format picks the kernels). Returns {module name: state}."""
+    check_gpu()
     groups: dict[tuple, list[tuple[str, torch.nn.Module]]] = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, DuQuantLinear):
-            key = (id(mod.transform), mod.in_features, mod.abits, bool(mod.act_symmetric), float(mod.act_clip),
-                   str(mod.qweight.device))
-            groups.setdefault(key, []).append((name, mod))
+        key = getattr(mod, "gpu_group_key", None)
+        if callable(key):
+            groups.setdefault(key(), []).append((name, mod))
     out = {}
     for members in groups.values():
-        states = prepare_gpu_linear([m for _, m in members], share_storage=share_storage)
+        mods = [m for _, m in members]
+        states = mods[0].prepare_gpu_group(mods, share_storage=share_storage)
         out.update({n: s for (n, _), s in zip(members, states)})
     return out
 

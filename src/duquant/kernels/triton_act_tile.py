@@ -95,13 +95,14 @@ def _to_rows(v, BR: tl.constexpr, NBP: tl.constexpr):
 @triton.jit
 def _tile_act_kernel(
     x_ptr, stride_xm, M, K, num_tiles,
-    inv_s_ptr, r1_ptr, r2_ptr, perm_ptr, dest_ptr, scratch_ptr,
+    inv_s_ptr, r1_ptr, r2_ptr, perm_ptr, scratch_ptr,
     codes_ptr, stride_cm, scale_ptr, zero_ptr, rowsum_ptr,
     clip, last_block,
     BR: tl.constexpr, NBP: tl.constexpr, BS: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, HAS_R1: tl.constexpr, R1_TWO: tl.constexpr, HAS_PERM: tl.constexpr,
     HAS_R2: tl.constexpr, R2_TWO: tl.constexpr, SYMMETRIC: tl.constexpr, DOT: tl.constexpr,
     PERM_MODE: tl.constexpr, EXACT_DIV: tl.constexpr, USE_LIBDEVICE: tl.constexpr, HOIST: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     R: tl.constexpr = BR * NBP
     KP: tl.constexpr = NBP * BS
@@ -148,7 +149,7 @@ def _tile_act_kernel(
                     y = y.to(b0.dtype)
                 elif HAS_R1:
                     y = y.to(a0.dtype)
-            src = tok_in_tile[:, None] * KP + tl.load(perm_ptr + chan)  # x_new[:, c] = x[:, perm[c]]
+            src = tok_in_tile[:, None] * KP + tl.load(perm_ptr + chan).to(tl.int32)  # x_new[:, c] = x[:, perm[c]]
             if PERM_MODE == 0:
                 base = scratch_ptr + pid.to(tl.int64) * (R * BS)
                 tl.debug_barrier()  # the previous tile's gathers are done before this tile overwrites the row
@@ -186,8 +187,11 @@ def _tile_act_kernel(
         else:
             q = tl.minimum(tl.maximum(q + _to_rows(zero, BR, NBP)[:, None], 0.0), 255.0) - 128.0
         qi = q.to(tl.int32)
-        dest = tl.load(dest_ptr + chan)  # natural or split column of each channel, -1 beyond K
-        smask = tmask[:, None] & (dest >= 0)
+        if SPLIT:  # the packed-int4 GEMM's order: even channels, then odd ones (reference.split_int4_order)
+            dest = (chan // 2) + (chan % 2) * ((K + 1) // 2)
+        else:
+            dest = chan
+        smask = tmask[:, None] & valid
         tl.store(codes_ptr + tok[:, None].to(tl.int64) * stride_cm + dest, qi.to(tl.int8), mask=smask)
         toks = tile * BR + tl.arange(0, BR)
         tm = toks < M
@@ -284,19 +288,20 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
         x, x.stride(0), m, k, num_tiles,
         tables["inv_s"] if flags["HAS_SMOOTH"] else dummy,
         r1 if r1 is not None else dummy, r2 if r2 is not None else dummy,
-        tables["perm"] if flags["HAS_PERM"] else dummy,
-        tables["dest_" + layout], scratch,
+        tables["perm"] if flags["HAS_PERM"] else dummy, scratch,
         codes, codes.stride(0), scale, zero if zero is not None else scale, rowsum,
         float(clip), int(plan.last_block),
         BR=br, NBP=nbp, BS=bs, SYMMETRIC=bool(symmetric), DOT=PRECISIONS[precision], PERM_MODE=pmode,
         EXACT_DIV=bool(exact_div), USE_LIBDEVICE=not _INTERPRET and libdevice is not None, HOIST=bool(hoist),
+        SPLIT=layout == "split",
         num_warps=warps, **flags,
     )
     return codes, scale, zero, rowsum
 
 
 def _tables(plan: ActPlan, width: int) -> dict:
-    """The plan's per-channel tables padded to `width` = NBP * BS (the tile's channel span), cached on the plan."""
+    """The plan's smoothing and permutation tables padded to `width` = NBP * BS (the tile's channel span), cached
+    on the plan."""
     cache = plan.__dict__.setdefault("_tile_tables", {})
     if width in cache:
         return cache[width]
@@ -311,9 +316,9 @@ def _tables(plan: ActPlan, width: int) -> dict:
     ar = torch.arange(width, dtype=torch.int32, device=dev)
     tables = {
         "inv_s": None if plan.inv_smooth is None else pad(plan.inv_smooth[:plan.K], 0.0, torch.float32),
-        "perm": None if plan.perm_fwd is None else torch.where(ar < plan.K, pad(plan.perm_fwd, 0, torch.int32), ar),
-        "dest_natural": pad(plan.dest_natural[:plan.K], -1, torch.int32),
-        "dest_split": pad(plan.dest_split[:plan.K], -1, torch.int32),
+        # int16 when it fits: the table is re-read per tile, half the bytes of int32
+        "perm": None if plan.perm_fwd is None else torch.where(ar < plan.K, pad(plan.perm_fwd, 0, torch.int32), ar)
+        .to(torch.int16 if width <= 32768 else torch.int32),
     }
     cache[width] = tables
     return tables

@@ -1,5 +1,5 @@
-"""Random DuQuantLinear layers and layer groups with real DuQuant transforms, for kernel tests and benchmarks
-(no model, no calibration run: Gaussian weights, activations with a few massive channels)."""
+"""Random DuQuantLinear layers and layer groups with real DuQuant transforms, for kernel and format tests and
+benchmarks (no model, no calibration run: Gaussian weights, activations with a few massive channels)."""
 
 from __future__ import annotations
 
