@@ -61,9 +61,13 @@ class PolicyActor:
         self.pending: list = []
         self.timer = None
         self.lock = asyncio.Lock()
+        self.counts = {"requests": 0, "batches": 0, "max_batch_seen": 0}
 
     async def metadata(self) -> dict:
         return getattr(self.policy, "metadata", None) or {}
+
+    async def stats(self) -> dict:
+        return dict(self.counts)
 
     async def infer(self, element: dict) -> dict:
         loop = asyncio.get_running_loop()
@@ -81,6 +85,9 @@ class PolicyActor:
             self.timer = None
         batch, self.pending = self.pending, []
         if batch:
+            self.counts["requests"] += len(batch)
+            self.counts["batches"] += 1
+            self.counts["max_batch_seen"] = max(self.counts["max_batch_seen"], len(batch))
             asyncio.ensure_future(self._run(batch))
 
     async def _run(self, batch: list) -> None:
@@ -159,8 +166,10 @@ class RayRunner:
         gpus = self.cfg.gpus_per_actor
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        # num_cpus=0: an actor must not take the CPU slot a simulator needs (2 policies on a 2-CPU machine
+        # would otherwise leave no room for any episode); its GPU is what places it
         actor_cls = ray.remote(PolicyActor).options(
-            num_cpus=1, num_gpus=gpus, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS,
+            num_cpus=0, num_gpus=gpus, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS,
             max_concurrency=1000, **self._options())
         return {label: [actor_cls.remote(spec, self.cfg.connect_timeout, self.cfg.batch_window_ms,
                                          self.cfg.max_batch) for _ in range(self.cfg.policy_actors)]
