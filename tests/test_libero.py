@@ -275,6 +275,18 @@ def test_libero_smoke_against_served_tiny_policy(libero_ready, tmp_path):
         assert "0 episode(s) to run, 1 already" in r2.stderr
         assert len((tmp_path / "run" / "episodes.jsonl").read_text().splitlines()) == 1
         print(f"LIBERO smoke: first run {first:.1f} s")
+
+        if importlib.util.find_spec("ray") is not None:  # --runner ray on a local Ray: the same record
+            start = time.monotonic()
+            r3 = subprocess.run(_eval_cmd(server.port, tmp_path / "ray", "--runner", "ray"),
+                                env={**env, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True,
+                                timeout=600)
+            assert r3.returncode == 0, r3.stdout + r3.stderr
+            ray_rec = json.loads((tmp_path / "ray" / "episodes.jsonl").read_text())
+            same = ("policy", "suite", "task_id", "task", "trial", "seed", "success", "steps", "env_steps",
+                    "queries", "max_steps", "error", "versions", "server")
+            assert {k: ray_rec[k] for k in same} == {k: rec[k] for k in same}
+            print(f"LIBERO smoke: --runner ray {time.monotonic() - start:.1f} s")
     finally:
         server.stop()
 

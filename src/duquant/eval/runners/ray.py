@@ -19,6 +19,7 @@ local worker does for its first unit.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import os
 
@@ -188,10 +189,12 @@ class RayRunner:
             gen = task.remote(cfg_dict, dataclasses.asdict(unit), pool[index % len(pool)] if pool else None)
             pending[gen] = {"unit": unit, "index": index, "running": None, "text": ""}
 
-        for i, unit in enumerate(units):
-            submit(unit, i)
+        backlog = collections.deque((unit, i) for i, unit in enumerate(units))
+        limit = self.slots()  # at most this many simulators at once (--workers, else the cluster's CPUs)
         try:
-            while pending:
+            while pending or backlog:
+                while backlog and len(pending) < limit:
+                    submit(*backlog.popleft())
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
                 for gen in ready:
                     st = pending[gen]
@@ -209,7 +212,7 @@ class RayRunner:
                         del pending[gen]
                         rest = retries.after_death(st["unit"], st["running"], st["text"], type(err).__name__)
                         if rest is not None:
-                            submit(rest, st["index"])
+                            backlog.appendleft((rest, st["index"]))
                         continue
                     if kind == "start":
                         st["running"], st["text"] = tuple(payload["key"]), payload["task"]
