@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-FORMAT_VERSION = 2  # 2: header checksum
+FORMAT_VERSION = 2  # 2: header checksum, tensor checksums cover dtype and shape
 META_KEY = "duquant"
 
 
@@ -44,10 +44,11 @@ def sanitize(name: str) -> str:
 
 
 def tensor_checksum(t: torch.Tensor) -> str:
+    """sha256 of dtype, shape and bytes: a header flip from U8 to I8 keeps the bytes but changes the values."""
     t = t.detach().contiguous().cpu()
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    return hashlib.sha256(t.numpy().tobytes()).hexdigest()[:32]
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes())
+    return h.hexdigest()[:32]
 
 
 def weight_fingerprint(weight: torch.Tensor, bias: torch.Tensor | None = None) -> str:
