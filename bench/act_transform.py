@@ -224,6 +224,34 @@ def run_shape(m, k, transform, bw, args, failures) -> list[dict]:
         record(cfg_name(c), lambda c=c: act_quant_tile(x, plan, clip=0.9, out=outs, **c), tile_check,
                required=idx == 0, config=c)
 
+    # the same kernel writing e4m3 codes (format w8a8-fp8 with the DuQuant transform): spec formats/fp8.py
+    from duquant.formats.fp8 import fp8_quantize
+
+    rc8, rs8 = fp8_quantize(transform.apply(x.cpu().float()), 0.9)
+    rc8, rs8 = rc8.float().to(dev), rs8.reshape(-1).to(dev)
+    out8 = (torch.empty(m, k, dtype=torch.float8_e4m3fn, device=dev), torch.empty(m, device=dev), None, None)
+
+    def fp8_check():
+        codes, sx, _, _ = act_quant_tile(x, plan, clip=0.9, fp8=True,
+                                         out=(torch.full((m, k), float("nan"), device=dev).to(torch.float8_e4m3fn),
+                                              torch.full((m,), float("nan"), device=dev), None, None))
+        c = codes.float()
+        ulp = torch.exp2(torch.floor(torch.log2(rc8.abs().clamp(min=2.0 ** -9))) - 3).clamp(min=2.0 ** -9)
+        ad = (c - rc8).abs()
+        rec = {"max |dcode| / (ulp + 0.5)": float((ad / (ulp + 0.5)).max()),
+               "codes differing": float((ad > 0).float().mean()),
+               "scale rel": float(((sx - rs8) / rs8).abs().max())}
+        # fp16 rotations: one e4m3 step, or < 0.5 code units when small; scales as the int8 path's
+        rec["ok"] = bool(rec["max |dcode| / (ulp + 0.5)"] <= 1 and rec["codes differing"] <= 0.1
+                         and rec["scale rel"] <= 5e-3 and torch.isfinite(c).all())
+        if not rec["ok"]:
+            failures.append(f"{m}x{k} tile fp8: {rec}")
+        return rec
+
+    if dev == "cuda":  # (interpreter: tests/test_formats.py; its fp8 cast differs from the GPU's)
+        record("tile fp8 out (default config)", lambda: act_quant_tile(x, plan, clip=0.9, fp8=True, out=out8),
+               fp8_check)
+
     if not args.no_compile:
         t = transform.to(dev)
         smooth = t.smooth.float() if t.smooth is not None else torch.ones(k, device=dev)

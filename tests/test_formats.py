@@ -201,6 +201,72 @@ _W4A16_SCRIPT = textwrap.dedent("""
 """)
 
 
+_FP8_SCRIPT = textwrap.dedent("""
+    import os, torch
+    os.environ["TRITON_INTERPRET"] = "1"
+    import triton.runtime.interpreter as interp
+    _orig = interp._patch_lang_tensor
+
+    def _patched(tensor, scope):
+        _orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = _patched
+    from torch import nn
+    from duquant.formats.fp8 import Fp8Group, fp8_quantize
+    from duquant.kernels.triton_act import build_act_plan
+    from duquant.kernels.triton_act_tile import act_quant_tile
+    from duquant.layers import DuQuantLinear
+    from duquant.random_layers import random_activations, random_transform
+
+    for k, method, bs in [(256, "duquant", 64), (192, "rtn", 128), (128, "hadamard", 32)]:
+        t = random_transform(k, method, bs, seed=k)
+        x = random_activations(19, k, seed=k)
+        plan = build_act_plan(t, k, "cpu")
+        rc, rs = fp8_quantize(t.apply(x), 0.9)
+        for prec in ("ieee", "fp16"):
+            codes, sx, z, r = act_quant_tile(x, plan, clip=0.9, fp8=True, precision=prec)
+            assert codes.dtype == torch.float8_e4m3fn and z is None and r is None
+            # the interpreter flushes e4m3 subnormals (|code| < 2^-6) to zero, the GPU does not: compare normals
+            normal = rc.float().abs() >= 2.0 ** -6
+            d = ((codes.float() - rc.float()).abs() / rc.float().abs().clamp(min=2.0 ** -6))[normal]
+            if method == "rtn":  # nothing to rotate: the spec's e4m3 codes exactly
+                assert float(d.max()) == 0 and torch.equal(sx, rs.reshape(-1))
+            elif prec == "ieee":  # float32 rotations, other summation order: a rare one-step tie flip
+                assert float(d.max()) <= 0.126 and float((d > 0).float().mean()) < 1e-3, (k, method, prec)
+                assert torch.allclose(sx, rs.reshape(-1), rtol=1e-6)
+            else:  # fp16 rotations (operands rounded like tf32): one e4m3 step, or < 0.5 code units when small
+                ulp = torch.exp2(torch.floor(torch.log2(rc.float().abs().clamp(min=2.0 ** -6))) - 3)
+                ad = (codes.float() - rc.float()).abs()[normal]
+                assert bool((ad <= ulp[normal] + 0.5).all()), (k, method, float(ad.max()))
+                assert float((ad > 0).float().mean()) < 0.05
+                assert torch.allclose(sx, rs.reshape(-1), rtol=2e-3)
+        # the fp8 format's gpu group (CPU _scaled_mm) against the format's reference, q/k/v sharing the input
+        torch.manual_seed(0)
+        lins = [nn.Linear(k, n) for n in (64, 32, 32)]
+        layers = [DuQuantLinear.from_linear(lin, "w8a8-fp8", transform=t, act_clip=0.9) for lin in lins]
+        refs = [la.fmt.reference(la, x.to(torch.bfloat16)) for la in layers]
+        group = Fp8Group(layers, share_storage=True)
+        group.precision = "ieee"
+        ys = group.forward_all(x.to(torch.bfloat16))
+        for la, y, ref in zip(layers, ys, refs):
+            assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+            err = (y.float() - ref).abs()
+            assert bool((err <= 2.0 ** -7 * ref.abs() + 1e-3 * ref.abs().max()).all()), float(err.max())
+        ptrs = {la.qweight.untyped_storage().data_ptr() for la in layers}
+        assert len(ptrs) == 1  # share_storage: the members' codes are views of the one concatenated weight
+    print("FP8 INTERPRETER OK")
+""")
+
+
+def test_fp8_activation_kernel_and_group_under_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = str(SRC.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", _FP8_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "FP8 INTERPRETER OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
 def test_w4a16_kernel_under_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")

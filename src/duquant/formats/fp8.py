@@ -4,16 +4,19 @@ dynamic), multiplied by ``torch._scaled_mm`` with rowwise scales (sm89+; 1.2-1.8
 Scales: ``s = absmax * clip / 448`` (448 = the largest e4m3 value), values ``(v / s)`` rounded to e4m3 (round to
 nearest even, saturating). Fake-quant reference: the same rounding in torch (CPU or CUDA) times the scales. The
 weight is stored as the e4m3 bytes viewed as uint8, so ``model.to(dtype)`` cannot convert it.
-gpu backend: identity transform only (an online transform would need its own fp8 activation kernel).
+gpu backend: the layer's activation transform (any the kernels fuse: DuQuant, Hadamard, SmoothQuant, none) and the
+fp8 quantization in one ``triton_act_tile`` pass, then ``_scaled_mm`` over a group's concatenated weights.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
 from duquant.formats import Format, FormatError, register
+from duquant.kernels import SharedInputGroup
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -53,16 +56,59 @@ class Fp8Weight:
 
 
 @dataclass
-class Fp8GpuState:
-    weight_t: torch.Tensor  # e4m3 [K, N], column-major (the layout _scaled_mm wants for its second operand)
-    scale_w: torch.Tensor  # float32 [1, N]
-    bias: torch.Tensor | None
-    clip: float
+class Fp8State:
+    """A layer's handle on its group (layers sharing one input)."""
+    group: Fp8Group
+    index: int
     N: int
-    K: int
+
+    def resident_bytes(self) -> int:
+        return self.group.num_bytes() * self.N // self.group.n_total
+
+
+class Fp8Group(SharedInputGroup):
+    """fp8 layers sharing an input (q/k/v, gate/up): one activation kernel (``triton_act_tile`` in fp8 mode, the
+    layers' transform fused into it), one ``torch._scaled_mm`` over the concatenated weight rows, outputs split
+    per member. With ``share_storage`` the members' qweight / w_scale become views of the concatenated tensors."""
+
+    def __init__(self, layers: list, share_storage: bool = True):
+        from duquant.kernels.triton_act import build_act_plan
+
+        first = layers[0]
+        self.layers, self.in_features = layers, first.in_features
+        self.plan = build_act_plan(first.transform, first.in_features, first.qweight.device)
+        self.splits = [la.out_features for la in layers]
+        self.n_total = sum(self.splits)
+        data = torch.cat([la.qweight for la in layers]) if len(layers) > 1 else first.qweight
+        scale = torch.cat([la.w_scale.float().reshape(-1) for la in layers])
+        if share_storage and len(layers) > 1:
+            off = 0
+            for la, n in zip(layers, self.splits):
+                la.qweight, la.w_scale = data[off:off + n], scale[off:off + n]
+                off += n
+        self.weight_t = data.view(E4M3).t()  # [K, N], column-major: the layout _scaled_mm wants
+        self.scale_w = scale.reshape(1, -1)
+        biases = [la.bias for la in layers]
+        zeros = [torch.zeros(n, device=data.device) for n in self.splits]
+        self.bias = None if all(b is None for b in biases) else torch.cat(
+            [(b.detach() if b is not None else z).to(torch.bfloat16) for b, z in zip(biases, zeros)])
+        self.clip = float(first.act_clip)
+        self.precision = os.environ.get("DUQUANT_ACT_PRECISION") or "fp16"
+        self._cache = None
 
     def num_bytes(self) -> int:
-        return self.weight_t.numel() + self.scale_w.numel() * 4 + (0 if self.bias is None else self.bias.numel() * 4)
+        b = self.weight_t.numel() + self.scale_w.numel() * 4 + self.plan.num_bytes()
+        return b + (0 if self.bias is None else self.bias.numel() * 2)
+
+    def forward_all(self, x2: torch.Tensor) -> list[torch.Tensor]:
+        from duquant.kernels.triton_act_tile import act_quant_tile
+
+        codes, sx, _, _ = act_quant_tile(x2, self.plan, clip=self.clip, fp8=True, precision=self.precision)
+        y = torch._scaled_mm(codes, self.weight_t, scale_a=sx.reshape(-1, 1), scale_b=self.scale_w,
+                             out_dtype=torch.bfloat16, use_fast_accum=True)
+        if self.bias is not None:
+            y = y + self.bias
+        return [y] if len(self.splits) == 1 else list(y.split(self.splits, dim=1))
 
 
 class Fp8Format(Format):
@@ -89,36 +135,29 @@ class Fp8Format(Format):
     def quantize_input(self, layer, x: torch.Tensor) -> torch.Tensor:
         return fp8_fake_quantize(layer.transform.apply(x.float()), layer.act_clip)
 
+    def gpu_group_key(self, layer) -> tuple:
+        return ("fp8-act", id(layer.transform), layer.in_features, float(layer.act_clip), str(layer.qweight.device))
+
     def gpu_prepare(self, layers: list, share_storage: bool = True) -> list:
         from duquant import kernels
 
         kernels.check_gpu()
-        states = []
         for layer in layers:
             if torch.cuda.get_device_capability(layer.qweight.device) < (8, 9):
                 raise self.gpu_error(layer, "FP8 tensor cores need compute capability 8.9 or newer")
-            if not layer.transform.is_identity:
-                raise self.gpu_error(layer, f"the gpu backend runs it without an activation transform, this layer "
-                                            f"has a {layer.transform.kind!r} one (quantize it with method rtn)")
             if layer.out_rotation is not None or layer.act_static is not None:
                 raise self.gpu_error(layer, "no output-side rotation or static activation scales with fp8")
             if layer.in_features % 16 or layer.out_features % 16:
                 raise self.gpu_error(layer, "torch._scaled_mm needs in and out features divisible by 16")
-            w = self.weight_from_buffers(layer)
-            st = Fp8GpuState(weight_t=w.codes.t(), scale_w=w.scale.float().reshape(1, -1).contiguous(),
-                             bias=None if layer.bias is None else layer.bias.detach().to(torch.bfloat16),
-                             clip=float(layer.act_clip), N=layer.out_features, K=layer.in_features)
-            layer._gpu_state = st
-            states.append(st)
-        return states
+            if not layer.qweight.is_cuda:
+                raise self.gpu_error(layer, f"buffers are on {layer.qweight.device}; move the model with .cuda()")
+        group = Fp8Group(list(layers), share_storage=share_storage)
+        if not group.plan.fused:
+            raise self.gpu_error(layers[0], f"its transform cannot run in the activation kernel: {group.plan.reason}")
+        return [Fp8State(group, i, la.out_features) for i, la in enumerate(layers)]
 
-    def gpu_forward(self, state: Fp8GpuState, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, state.K)
-        xq, sx = fp8_quantize(x2, state.clip)
-        y = torch._scaled_mm(xq, state.weight_t, scale_a=sx, scale_b=state.scale_w, out_dtype=torch.bfloat16,
-                             use_fast_accum=True)
-        if state.bias is not None:
-            y = y + state.bias
+    def gpu_forward(self, state: Fp8State, x: torch.Tensor) -> torch.Tensor:
+        y = state.group.output(x, state.index)
         return y.to(x.dtype).reshape(*x.shape[:-1], state.N)
 
 

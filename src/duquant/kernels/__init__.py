@@ -30,6 +30,7 @@ from duquant.kernels import reference  # noqa: F401  (eager spec, always importa
 
 __all__ = [
     "GpuBackendError",
+    "SharedInputGroup",
     "GpuLinearGroup",
     "GpuLinearState",
     "check_gpu",
@@ -159,8 +160,34 @@ class GpuLinearState:
         return self.group.resident_bytes() * self.out_features // max(1, self.group.out_total)
 
 
+class SharedInputGroup:
+    """Layers fed the same tensor (q/k/v, gate/up): the first member called with an input computes every member's
+    output (``forward_all``) and the others pick theirs up (identity + version check on x, which the group keeps
+    until all members took their output). Plain Python around launches: eager and CUDA-graph capture alike."""
+    layers: list
+    in_features: int
+    _cache = None
+
+    def forward_all(self, x2: torch.Tensor) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Member `index`'s output for x; the first member asked computes all of them for this x."""
+        if len(self.layers) == 1:
+            return self.forward_all(x.reshape(-1, self.in_features))[0]
+        c = self._cache
+        if c is None or c[0] is not x or c[1] != x._version:
+            outs = self.forward_all(x.reshape(-1, self.in_features))
+            c = self._cache = [x, x._version, outs, set()]
+        c[3].add(index)
+        y = c[2][index]
+        if len(c[3]) == len(self.layers):
+            self._cache = None  # every member has its output: drop the references
+        return y
+
+
 @dataclass
-class GpuLinearGroup:
+class GpuLinearGroup(SharedInputGroup):
     """Layers sharing one input: one activation transform + quantization, one fused GEMM per weight format."""
     layers: list
     share_storage: bool = True
@@ -225,20 +252,6 @@ class GpuLinearGroup:
         precision = "tf32" if self.precision == "fp16" else self.precision
         return act_quant(x2, self.plan, symmetric=self.symmetric, clip=self.clip, layout=layout,
                          precision=precision, impl=impl)
-
-    def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        """Member `index`'s output for x; the first member asked computes all of them for this x."""
-        if len(self.layers) == 1:
-            return self.forward_all(x.reshape(-1, self.in_features))[0]
-        c = self._cache
-        if c is None or c[0] is not x or c[1] != x._version:
-            outs = self.forward_all(x.reshape(-1, self.in_features))
-            c = self._cache = [x, x._version, outs, set()]
-        c[3].add(index)
-        y = c[2][index]
-        if len(c[3]) == len(self.layers):
-            self._cache = None  # every member has its output: drop the references
-        return y
 
 
 def prepare_gpu_linear(layer_or_layers, share_storage: bool = True):

@@ -102,7 +102,7 @@ def _tile_act_kernel(
     HAS_SMOOTH: tl.constexpr, HAS_R1: tl.constexpr, R1_TWO: tl.constexpr, HAS_PERM: tl.constexpr,
     HAS_R2: tl.constexpr, R2_TWO: tl.constexpr, SYMMETRIC: tl.constexpr, DOT: tl.constexpr,
     PERM_MODE: tl.constexpr, EXACT_DIV: tl.constexpr, USE_LIBDEVICE: tl.constexpr, HOIST: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, FP8: tl.constexpr, ROUND_E4M3: tl.constexpr,
 ):
     R: tl.constexpr = BR * NBP
     KP: tl.constexpr = NBP * BS
@@ -166,39 +166,52 @@ def _tile_act_kernel(
         if PRESCALE:
             y = y * (1.0 / f)[:, None]  # exact: f is a power of two
 
-        if SYMMETRIC:
-            amax = _per_token(tl.max(tl.where(valid, tl.abs(y), 0.0), axis=1), BR, NBP, 0)
-            scale = tl.div_rn(amax * clip, 127.0)
-            scale = tl.minimum(tl.maximum(scale, 1e-8), 1e8)
-        else:
-            mn = _per_token(tl.min(tl.where(valid, y, float("inf")), axis=1), BR, NBP, 1) * clip
-            mx = _per_token(tl.max(tl.where(valid, y, float("-inf")), axis=1), BR, NBP, 0) * clip
-            scale = tl.div_rn(mx - mn, 255.0)
-            scale = tl.minimum(tl.maximum(scale, 1e-8), 1e8)
-            zero = _rint(tl.div_rn(-mn, scale), USE_LIBDEVICE)
-        scale_r = _to_rows(scale, BR, NBP)
-        if EXACT_DIV:
-            v = tl.div_rn(y, scale_r[:, None])
-        else:
-            v = y * tl.div_rn(1.0, scale_r)[:, None]
-        q = _rint(v, USE_LIBDEVICE)
-        if SYMMETRIC:
-            q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-        else:
-            q = tl.minimum(tl.maximum(q + _to_rows(zero, BR, NBP)[:, None], 0.0), 255.0) - 128.0
-        qi = q.to(tl.int32)
-        if SPLIT:  # the packed-int4 GEMM's order: even channels, then odd ones (reference.split_int4_order)
-            dest = (chan // 2) + (chan % 2) * ((K + 1) // 2)
-        else:
-            dest = chan
-        smask = tmask[:, None] & valid
-        tl.store(codes_ptr + tok[:, None].to(tl.int64) * stride_cm + dest, qi.to(tl.int8), mask=smask)
         toks = tile * BR + tl.arange(0, BR)
         tm = toks < M
-        tl.store(scale_ptr + toks, scale, mask=tm)
-        if not SYMMETRIC:
-            tl.store(zero_ptr + toks, zero - 128.0, mask=tm)
-        tl.store(rowsum_ptr + toks, _per_token(tl.sum(tl.where(smask, qi, 0), axis=1), BR, NBP, 2), mask=tm)
+        if FP8:  # e4m3 codes, scale = absmax * clip / 448 per token (formats/fp8.py), no zero point, no code sum
+            amax = _per_token(tl.max(tl.where(valid, tl.abs(y), 0.0), axis=1), BR, NBP, 0)
+            scale = tl.maximum(tl.div_rn(amax * clip, 448.0), 1e-12)
+            v = tl.div_rn(y, _to_rows(scale, BR, NBP)[:, None])
+            v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+            if ROUND_E4M3:  # the interpreter's fp8 cast loses the rounding carry: round on the e4m3 grid first
+                e = tl.maximum(tl.floor(tl.log2(tl.maximum(tl.abs(v), 1e-30))), -6.0)
+                step = tl.exp2(e - 3.0)
+                v = _rint(v / step, USE_LIBDEVICE) * step
+            tl.store(codes_ptr + tok[:, None].to(tl.int64) * stride_cm + chan, v.to(tl.float8e4nv),
+                     mask=tmask[:, None] & valid)
+            tl.store(scale_ptr + toks, scale, mask=tm)
+        else:
+            if SYMMETRIC:
+                amax = _per_token(tl.max(tl.where(valid, tl.abs(y), 0.0), axis=1), BR, NBP, 0)
+                scale = tl.div_rn(amax * clip, 127.0)
+                scale = tl.minimum(tl.maximum(scale, 1e-8), 1e8)
+            else:
+                mn = _per_token(tl.min(tl.where(valid, y, float("inf")), axis=1), BR, NBP, 1) * clip
+                mx = _per_token(tl.max(tl.where(valid, y, float("-inf")), axis=1), BR, NBP, 0) * clip
+                scale = tl.div_rn(mx - mn, 255.0)
+                scale = tl.minimum(tl.maximum(scale, 1e-8), 1e8)
+                zero = _rint(tl.div_rn(-mn, scale), USE_LIBDEVICE)
+            scale_r = _to_rows(scale, BR, NBP)
+            if EXACT_DIV:
+                v = tl.div_rn(y, scale_r[:, None])
+            else:
+                v = y * tl.div_rn(1.0, scale_r)[:, None]
+            q = _rint(v, USE_LIBDEVICE)
+            if SYMMETRIC:
+                q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+            else:
+                q = tl.minimum(tl.maximum(q + _to_rows(zero, BR, NBP)[:, None], 0.0), 255.0) - 128.0
+            qi = q.to(tl.int32)
+            if SPLIT:  # the packed-int4 GEMM's order: even channels, then odd ones (reference.split_int4_order)
+                dest = (chan // 2) + (chan % 2) * ((K + 1) // 2)
+            else:
+                dest = chan
+            smask = tmask[:, None] & valid
+            tl.store(codes_ptr + tok[:, None].to(tl.int64) * stride_cm + dest, qi.to(tl.int8), mask=smask)
+            tl.store(scale_ptr + toks, scale, mask=tm)
+            if not SYMMETRIC:
+                tl.store(zero_ptr + toks, zero - 128.0, mask=tm)
+            tl.store(rowsum_ptr + toks, _per_token(tl.sum(tl.where(smask, qi, 0), axis=1), BR, NBP, 2), mask=tm)
 
 
 # ---- host side ----------------------------------------------------------------------------------------------------
@@ -233,11 +246,13 @@ def default_config(m: int, k: int, bs: int = 128) -> tuple[int, int, int]:
 def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, clip: float = 1.0,
                    layout: str = "natural", precision: str = "fp16", exact_div: bool = True,
                    block_tokens: int | None = None, num_warps: int | None = None, perm_mode: str | int | None = None,
-                   programs: int | None = None, hoist: bool = True, out: tuple | None = None):
+                   programs: int | None = None, hoist: bool = True, fp8: bool = False, out: tuple | None = None):
     """Same contract as ``triton_act.act_quant``: x [M, K] -> (codes int8 [M, Kc], scale f32 [M], zero f32 [M] |
     None, rowsum int32 [M]). ``out`` = preallocated (codes, scale, zero, rowsum) to write into (CUDA graphs,
     poisoned-output checks). ``programs``: persistent grid size (default 2 per multiprocessor); each program
-    reads the two 32 KB matrices once when ``hoist``, which at K = 2048 is more L2 traffic than its tokens."""
+    reads the two 32 KB matrices once when ``hoist``, which at K = 2048 is more L2 traffic than its tokens.
+    ``fp8``: e4m3 codes [M, K] and scale = absmax * clip / 448 per token instead (zero and rowsum None; the
+    ``w8a8-fp8`` format), symmetric and layout ignored."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} not in {list(PRECISIONS)}")
     if x.stride(-1) != 1:
@@ -248,8 +263,13 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
     if not plan.fused:
         raise ValueError(f"this transform cannot run in the tile kernel: {plan.reason}")
     bs = plan.BS
+    if fp8:
+        layout, symmetric = "natural", True
     kc = k if layout == "natural" else 2 * (-(-k // 2))
     dev = x.device
+    if fp8 and out is None:
+        out = (torch.empty(m, k, dtype=torch.float8_e4m3fn, device=dev), torch.empty(m, dtype=torch.float32,
+                                                                                    device=dev), None, None)
     if out is not None:
         codes, scale, zero, rowsum = out
         if kc != k:
@@ -289,11 +309,11 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
         tables["inv_s"] if flags["HAS_SMOOTH"] else dummy,
         r1 if r1 is not None else dummy, r2 if r2 is not None else dummy,
         tables["perm"] if flags["HAS_PERM"] else dummy, scratch,
-        codes, codes.stride(0), scale, zero if zero is not None else scale, rowsum,
+        codes, codes.stride(0), scale, zero if zero is not None else scale, rowsum if rowsum is not None else scale,
         float(clip), int(plan.last_block),
         BR=br, NBP=nbp, BS=bs, SYMMETRIC=bool(symmetric), DOT=PRECISIONS[precision], PERM_MODE=pmode,
         EXACT_DIV=bool(exact_div), USE_LIBDEVICE=not _INTERPRET and libdevice is not None, HOIST=bool(hoist),
-        SPLIT=layout == "split",
+        SPLIT=layout == "split", FP8=bool(fp8), ROUND_E4M3=_INTERPRET,
         num_warps=warps, **flags,
     )
     return codes, scale, zero, rowsum
