@@ -197,6 +197,26 @@ _W4A16_SCRIPT = textwrap.dedent("""
         ref = x.double() @ qw.dequantize(torch.float64).T + b.double()
         err = float((y.double() - ref).abs().max() / ref.abs().max())
         assert err < 1e-5, (n, k, gs, err)
+
+    # the format's gpu group: q/k/v sharing one (identity) transform -> one GEMM over the concatenated rows
+    from torch import nn
+    from duquant.formats.weight_only import WeightOnlyGroup
+    from duquant.layers import DuQuantLinear
+    from duquant.transform import LayerTransform
+
+    t = LayerTransform(192, 128, kind="rtn")
+    for gs in (None, 64):
+        layers = [DuQuantLinear.from_linear(nn.Linear(192, n), "w4a16", transform=t, group_size=gs)
+                  for n in (64, 32, 48)]
+        x = torch.randn(5, 192, generator=g)
+        fake = [la(x) for la in layers]
+        group = WeightOnlyGroup(layers, share_storage=True)
+        assert len({la.qweight.untyped_storage().data_ptr() for la in layers}) == 1  # views, no second copy
+        for la, y, f in zip(layers, group.forward_all(x), fake):
+            la._weight_cache = {}
+            assert torch.allclose(la(x), f)  # the views hold the same values
+            err = float((y - f).abs().max() / f.abs().max())
+            assert err < 1e-5, (gs, err)
     print("W4A16 INTERPRETER OK")
 """)
 
