@@ -133,11 +133,16 @@ def tile_configs(m: int, k: int, quick: bool) -> list[dict]:
         br = max(1, rows // nbp)
         if br * nbp < 16 or br * nbp > 256:
             continue
-        for warps in ((4,) if br * nbp <= 32 else (4, 8) if br * nbp == 64 else (8,)):  # ~64 fp32 acc regs/thread
+        rows = br * nbp
+        for warps in ((4,) if rows <= 32 else (4, 8) if rows == 64 else (8, 16)):  # ~64 fp32 acc regs/thread
             for pm in (0, 1):
-                c = dict(block_tokens=br, num_warps=warps, perm_mode=pm, precision="fp16")
-                if c not in cfgs:
-                    cfgs.append(c)
+                # a 128-row tile holds x, y and both matrices: loading the matrices per tile frees ~64 registers
+                for hoist in ((True, False) if rows >= 128 else (True,)):
+                    c = dict(block_tokens=br, num_warps=warps, perm_mode=pm, precision="fp16")
+                    if not hoist:
+                        c["hoist"] = False
+                    if c not in cfgs:
+                        cfgs.append(c)
     cfgs.append(dict(block_tokens=br0, num_warps=w0, perm_mode=p0, precision="bf16"))
     cfgs.append(dict(block_tokens=br0, num_warps=w0, perm_mode=p0, precision="tf32"))
     return cfgs
@@ -206,8 +211,11 @@ def run_shape(m, k, transform, bw, args, failures) -> list[dict]:
                 continue
             best = min(timed, key=lambda r: r["us"])["config"]
             sms = torch.cuda.get_device_properties(0).multi_processor_count
-            for extra in (dict(programs=sms), dict(programs=4 * sms), dict(hoist=False)):
-                cfgs.append(dict(best, **extra))
+            flip = dict(hoist=not best.get("hoist", True))
+            for extra in (dict(programs=sms), dict(programs=4 * sms), dict(programs=16), flip):
+                c = dict(best, **extra)
+                if c not in cfgs:
+                    cfgs.append(c)
             continue
         if dev == "cpu" and c["precision"] in ("bf16", "tf32"):  # the interpreter's bf16 dot is wrong; tf32 = ieee
             continue

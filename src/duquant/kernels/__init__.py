@@ -66,7 +66,8 @@ def check_gpu() -> None:
     """Raise GpuBackendError naming why the kernels cannot run here."""
     ok, why = gpu_available()
     if not ok:
-        raise GpuBackendError(f"backend 'gpu' cannot run: {why}")
+        raise GpuBackendError(f"backend 'gpu' cannot run: {why}. Use --backend fake (OPENPI_DUQUANT_BACKEND=fake) "
+                              "for the reference path.")
 
 
 # ---- state --------------------------------------------------------------------------------------------------------
