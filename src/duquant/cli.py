@@ -81,18 +81,38 @@ def cmd_quantize(args) -> int:
         cfg = cfg.replace(packdir=wf.default_packdir(config_name or "checkpoint", cfg))
     if args.calib:
         calib_obs = wf.load_calibration_file(args.calib, args.batch_size)
+        calib_source = args.calib
+        if len(calib_obs) < cfg.calib_steps:
+            print(f"duquant quantize: warning: {args.calib} holds {sum(o.batch_size for o in calib_obs)} observations "
+                  f"({len(calib_obs)} batches of {args.batch_size}), fewer than --calib-steps {cfg.calib_steps}: "
+                  f"calibrating on those {len(calib_obs)} batches", file=sys.stderr)
     else:
         calib_obs = wf.synthetic_observations(model, cfg.calib_steps, args.batch_size, seed=args.data_seed)
-    held_out = wf.synthetic_observations(model, 2, args.batch_size, seed=args.data_seed + 10_000)
+        calib_source = f"synthetic, seed {args.data_seed}"
+    if args.eval_obs:
+        held_out = wf.load_calibration_file(args.eval_obs, args.batch_size)
+        eval_source = args.eval_obs
+    else:
+        held_out = wf.synthetic_observations(model, 2, args.batch_size, seed=args.data_seed + 10_000)
+        eval_source = f"synthetic, seed {args.data_seed + 10_000}"
+    used = calib_obs[: cfg.calib_steps]
+    data = {"calibration": calib_source, "calib_observations": sum(o.batch_size for o in used),
+            "evaluation": None if args.no_eval else eval_source,
+            "eval_observations": None if args.no_eval else sum(o.batch_size for o in held_out)}
+    print(f"calibration: {data['calib_observations']} observations from {calib_source}"
+          + ("" if args.no_eval else f"; action error measured on {data['eval_observations']} from {eval_source}"))
+    if args.eval_obs and args.calib and Path(args.eval_obs).resolve() == Path(args.calib).resolve():
+        print("duquant quantize: warning: --eval-obs is the calibration file; the action error is not held out",
+              file=sys.stderr)
     ref = wf.sample_actions(model, held_out) if not args.no_eval else None
     report = quantize(model, cfg, calibrate=wf.calibration_fn(calib_obs, cfg.calib_steps))
-    result = {"report": report.to_dict(), "packdir": cfg.packdir}
+    result = {"report": report.to_dict(), "packdir": cfg.packdir, "data": data}
     if ref is not None:
         with torch.no_grad():
             pred = wf.sample_actions(model, held_out)
         result["action_rel_mse"] = relative_error(pred, ref)
         result["action_max_abs"] = wf.max_abs_error(pred, ref)
-        print(f"action error vs float on held-out synthetic observations: rel MSE {result['action_rel_mse']:.3e}, "
+        print(f"action error vs float on {eval_source}: rel MSE {result['action_rel_mse']:.3e}, "
               f"max abs {result['action_max_abs']:.3e}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -133,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--model-seed", type=int, default=0, help="seed of the built-in model's weights")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic observations")
+    p.add_argument("--eval-obs", help="held-out observations for the action error, same format as --calib "
+                   "(default: 2 synthetic batches)")
     p.add_argument("--no-eval", action="store_true", help="skip the action-error check")
     p.add_argument("--out", help="write the quantization report JSON here")
     p.set_defaults(func=cmd_quantize)
