@@ -429,5 +429,8 @@ def print_table(doc: dict) -> None:
                       f"{r['action_max_abs']:.3e}", f"{r['layer_rel_err_mean']:.2e}",
                       f"{_mib(r['weight_bytes_before'])}→{_mib(r['weight_bytes_after'])}",
                       f"{_mib(r['model_bytes_before'])}→{_mib(r['model_bytes_after'])}", f"{r['quant_seconds']:.2f}")
-    Console().print(table)
+    import sys
+
+    # piped or redirected, rich fits the table to 80 columns and cuts the numbers ("3.75…"): print it whole
+    Console(width=None if sys.stdout.isatty() else 1000).print(table)
 
