@@ -74,6 +74,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     shared keys and values (Gemma's one KV head is read once for all 8 query heads)."""
     B, H, T, hd = q.shape
     KVh, S = k.shape[1], k.shape[2]
+    pad = -S % 8  # keys padded to a multiple of 8, masked: odd lengths (816 + 51) push cuBLAS onto align-1 kernels
+    if pad:
+        k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
+        bias = F.pad(bias, (0, pad), value=MASKED)
+        S += pad
     qg = q.reshape(B, KVh, (H // KVh) * T, hd)  # heads of a group are consecutive: (B, KV, G*T, hd)
     scores = torch.matmul(qg, k.transpose(-1, -2)) * hd ** -0.5  # (B, KV, G*T, S)
     scores = scores.view(B, H, T, S) + bias
