@@ -4,9 +4,9 @@ to test its fault handling without the simulator: `duquant eval libero --simulat
 The scene has 10 tasks of 50 initial states in every suite and renders blank 256x256 cameras. A step sleeps
 `DUQUANT_STUB_STEP_S` seconds (default 0), a policy call `DUQUANT_STUB_INFER_S` (default 0). Trial `t` of
 task `k` succeeds after `3 + t % 4` actions when `(k + t) % 3 != 0` and otherwise runs to the step limit, so
-every runner must produce the same records. `DUQUANT_STUB_CRASH=TASK,TRIAL,STEP[,MARKER]` kills the process
-(SIGKILL) at that env step of that episode, once if a MARKER file path is given (it is created first), else
-every time: a simulator worker dying mid-episode.
+every runner must produce the same records; `DUQUANT_STUB_SUCCESS=0` makes every episode run to its limit.
+`DUQUANT_STUB_CRASH=TASK,TRIAL,STEP[,MARKER]` kills the process (SIGKILL) at that env step of that episode,
+once if a MARKER file path is given (it is created first), else every time: a worker dying mid-episode.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class StubEnv:
         self.task_id = task.task_id
         self.step_s = _float_env("DUQUANT_STUB_STEP_S")
         self.crash = os.environ.get("DUQUANT_STUB_CRASH")
+        self.can_succeed = os.environ.get("DUQUANT_STUB_SUCCESS", "1") != "0"
         self.image = np.zeros((resolution, resolution, 3), dtype=np.uint8)
         self.t = self.trial = self.actions = 0
 
@@ -82,7 +83,7 @@ class StubEnv:
             self._maybe_crash()
         if list(action) != [0.0] * 6 + [-1.0]:  # not the settling steps' dummy action (StubPolicy opens)
             self.actions += 1
-        wins = (self.task_id + self.trial) % 3 != 0
+        wins = self.can_succeed and (self.task_id + self.trial) % 3 != 0
         return self._obs(), 0.0, wins and self.actions >= 3 + self.trial % 4, {}
 
     def close(self) -> None:
