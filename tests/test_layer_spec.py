@@ -132,3 +132,20 @@ def test_stored_codes_quantize_the_folded_weight(seed):
     assert inside.mean() > 0.9
     assert (err[inside] <= (s_w / 2 + 1e-6 * np.abs(w_t).max()).repeat(C, 1)[inside]).all()
     assert (err <= np.abs(w_t).max(1, keepdims=True)).all()  # clipped ones saturate, never wrap
+
+
+def test_one_activation_clip_default():
+    """The activation clip default lives in config.default_act_clip; the config and a layer built without a clip
+    agree with it (the official code's 0.9 at <= 4 bits, no clip at 8: docs/algorithm.md)."""
+    import inspect
+
+    from duquant.config import ACT_CLIP, default_act_clip
+    from duquant.random_layers import random_layer
+
+    assert ACT_CLIP == 0.9 and default_act_clip(4) == 0.9 and default_act_clip(8) == 1.0
+    for abits in (4, 8):
+        assert DuQuantConfig(abits=abits).activation_clip == default_act_clip(abits)
+    assert inspect.signature(DuQuantLinear.__init__).parameters["act_clip"].default is None
+    assert random_layer(64, 8).act_clip == default_act_clip(8)
+    _, layer, _ = make_layer(0)
+    assert layer.act_clip == DuQuantConfig().activation_clip

@@ -42,6 +42,14 @@ BACKENDS = ("fake", "gpu")
 ROW_ROT_VALUES = ("0", "restore", "propagate")
 WEIGHT_BITS = (2, 3, 4, 8)
 ACT_BITS = (0, 4, 8, 16)  # 0 and 16 mean "activations stay in float"
+# The per-token activation clip of the official DuQuant code (`--lac 0.9`), the one default every layer gets
+# (`default_act_clip`): applied at <= 4 activation bits; 8-bit activations are not clipped (docs/algorithm.md,
+# "Deviation from the official code").
+ACT_CLIP = 0.9
+
+
+def default_act_clip(abits: int) -> float:
+    return ACT_CLIP if abits <= 4 else 1.0
 
 
 @dataclass(frozen=True)
@@ -82,7 +90,8 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class DuQuantConfig:
     """How to quantize. Defaults are the DuQuant paper's W4A8 (block 128, 256 greedy steps, alpha 0.6,
-    asymmetric per-channel weights with clip 0.8, asymmetric per-token activations with clip 0.9)."""
+    asymmetric per-channel weights with clip 0.8, asymmetric per-token activations with clip 0.9 at <= 4 bits,
+    unclipped at 8 bits: see ``default_act_clip``)."""
 
     method: str = "duquant"
     wbits: int = 4
@@ -104,7 +113,7 @@ class DuQuantConfig:
     w_group_size: int | None = None
     clip_search: bool = False
     act_symmetric: bool = False
-    act_clip: float | None = None  # None: 0.9 (paper) for <= 4 bits, 1.0 for 8 bits (see docs/algorithm.md)
+    act_clip: float | None = None  # None: default_act_clip(abits), 0.9 (paper) at <= 4 bits, 1.0 at 8 bits
     act_pct: float | None = None  # percentile clipping of activations, folded into a per-layer clip ratio
     act_static: bool = False  # one static per-tensor activation scale instead of per-token dynamic
     calib_steps: int = 32
@@ -186,7 +195,7 @@ class DuQuantConfig:
     def activation_clip(self) -> float:
         if self.act_clip is not None:
             return self.act_clip
-        return 0.9 if self.abits <= 4 else 1.0
+        return default_act_clip(self.abits)
 
     @property
     def effective_exclude(self) -> str:

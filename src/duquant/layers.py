@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from duquant import formats
+from duquant.config import default_act_clip
 from duquant.quantizers import QuantizedWeight
 from duquant.transform import LayerTransform
 
@@ -25,7 +26,7 @@ class DuQuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, *, qweight: QuantizedWeight,
                  transform: LayerTransform, bias: torch.Tensor | None, abits: int, act_symmetric: bool = False,
-                 act_clip: float = 0.9, act_static: tuple[float, float] | None = None, method: str = "duquant",
+                 act_clip: float | None = None, act_static: tuple[float, float] | None = None, method: str = "duquant",
                  backend: str = "fake", out_rotation: torch.Tensor | None = None, format: str | None = None):
         super().__init__()
         # the format's name: given (w8a8-fp8, ...), else the integer format the bits mean (w4a8, w8a8, w4a16)
@@ -38,7 +39,7 @@ class DuQuantLinear(nn.Module):
         self.w_group_size = qweight.group_size
         self.abits = abits
         self.act_symmetric = act_symmetric
-        self.act_clip = float(act_clip)
+        self.act_clip = float(default_act_clip(abits) if act_clip is None else act_clip)
         self.method = method
         self.transform = transform
         self.register_buffer("qweight", qweight.packed())
@@ -54,7 +55,7 @@ class DuQuantLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, format: str, *, transform: LayerTransform | None = None,
                     w_symmetric: bool = False, w_clip: float = 1.0, group_size: int | None = None,
-                    act_symmetric: bool = False, act_clip: float = 1.0, method: str = "rtn",
+                    act_symmetric: bool = False, act_clip: float | None = None, method: str = "rtn",
                     backend: str = "fake") -> DuQuantLinear:
         """A layer of the named format from a float ``nn.Linear``: the transform (identity when None) folded into
         the weight, then the format's weight quantizer. For formats without an online transform (``w4a16``) a

@@ -36,7 +36,7 @@ def random_transform(k: int, method: str = "duquant", block_size: int = 128, see
 
 
 def random_group(k: int, outs: list[int], *, wbits: int = 4, w_symmetric: bool = False,
-                 group_size: int | None = None, act_symmetric: bool = False, act_clip: float = 0.9,
+                 group_size: int | None = None, act_symmetric: bool = False, act_clip: float | None = None,
                  method: str = "duquant", block_size: int = 128, bias: bool = True, seed: int = 0,
                  steps: int = 8, device="cpu") -> list[DuQuantLinear]:
     """Layers of widths `outs` sharing one input (one transform object), quantized like the engine does (the
