@@ -138,3 +138,30 @@ def test_failed_batch_is_logged_counted_and_retried_alone(caplog):
         assert first == "OK" and json.loads(counters)["batch_failures"] == 1
     finally:
         srv.close()
+
+
+def test_quantized_server_logs_calibration_and_warns_on_a_short_calibration_file(tmp_path, caplog):
+    from duquant.config import DuQuantConfig
+    from duquant.models import build_policy, make_synthetic_observation, save_observations
+    from duquant.serve.policy import PolicySpec, create_policy
+
+    cfg = build_policy("pi0-tiny", device="meta").config
+    calib = save_observations(tmp_path / "calib.safetensors", make_synthetic_observation(cfg, 2, seed=1))
+    q = DuQuantConfig(preset="dit", rotation_steps=2, block_size=32, calib_steps=3, packdir=str(tmp_path / "p"))
+    lines: list[str] = []
+    with caplog.at_level(logging.WARNING, logger="duquant.serve"):
+        create_policy(PolicySpec(config="pi0-tiny", quantize=q, calib=str(calib), calib_batch_size=2), log=lines.append)
+    assert any("holds 2 observations (1 batches of 2), fewer than --calib-steps 3" in r.getMessage()
+               for r in caplog.records)
+    assert "calibration: 1 batches" in lines and any(x.startswith("calibration: batch 1/1,") for x in lines)
+    assert any(x.startswith("quantized ") and "packs: 0 reused" in x for x in lines)
+
+
+def test_serve_help_shows_the_defaults():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "duquant.cli", "serve", "--help"], capture_output=True, text=True,
+                         check=True, env={"PATH": "", "COLUMNS": "200"}).stdout
+    for text in ("(default 64.0)", "--state-pad {error,zero}", "(default 8)", "(default 64)"):
+        assert text in out, text
