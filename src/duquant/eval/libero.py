@@ -54,7 +54,7 @@ from duquant.eval.sim import (
 )
 from duquant.eval.stats import newcombe_paired, paired_difference, wilson
 from duquant.eval.summary import summarize, summary_markdown
-from duquant.eval.work import Unit, plan_units
+from duquant.eval.work import Unit, episode_key, plan_units
 
 
 class _RunSink:
@@ -71,8 +71,11 @@ class _RunSink:
             self.progress.stepped(payload)
         elif kind == "video":
             self.log.add_video(payload["path"], payload["data"])
-        elif kind == "record" and self.log.add(payload):
-            self.progress.recorded(payload)
+        elif kind == "record":
+            if self.log.add(payload):
+                self.progress.recorded(payload)
+            else:  # a replay of an episode already recorded (a retried unit): written once, counted once
+                self.progress.running.discard(episode_key(payload))
 
     def retry(self, key) -> None:
         self.progress.retry(key)
