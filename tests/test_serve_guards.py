@@ -165,3 +165,16 @@ def test_serve_help_shows_the_defaults():
                          check=True, env={"PATH": "", "COLUMNS": "200"}).stdout
     for text in ("(default 64.0)", "--state-pad {error,zero}", "(default 8)", "(default 64)"):
         assert text in out, text
+
+
+def test_generic_robot_state_length_comes_from_the_norm_stats(pi0_tiny):
+    from duquant.serve.policy import GenericPolicy
+
+    stats = {"state": NormStats(mean=np.zeros(14), std=np.ones(14))}
+    pol = GenericPolicy(pi0_tiny, norm_stats=stats)
+    assert pol.pre.expected_state_dim() == 14
+    pol.warmup()  # its example observation has the expected length
+    img = libero_obs()["observation/image"]
+    assert pol.prepare({"image": {"base_0_rgb": img}, "state": np.ones(14), "prompt": "x"})["state"].shape == (32,)
+    with pytest.raises(InputError, match="state has 10 dims, the policy expects 14"):
+        pol.prepare({"image": {"base_0_rgb": img}, "state": np.ones(10), "prompt": "x"})

@@ -91,8 +91,8 @@ def tokenize_bounded(tokenizer, prompt: str, state: np.ndarray | None) -> tuple[
     tokens, mask = np.asarray(tokens)[:limit], np.asarray(mask)[:limit]
     if count <= limit and len(text) == len(prompt):
         return tokens, mask, None
-    shown = f"{count} tokens" if len(text) == len(prompt) else f"more than {limit} tokens"
-    return tokens, mask, (f"prompt of {len(prompt)} characters ({shown}) was cut at the tokenizer's limit of "
+    shown = f" ({count} tokens)" if len(text) == len(prompt) else ""
+    return tokens, mask, (f"prompt of {len(prompt)} characters{shown} was cut at the tokenizer's limit of "
                           f"{limit} tokens")
 
 

@@ -381,8 +381,8 @@ class Preprocessor:
         img = np.zeros((size, size, 3), dtype=np.uint8)
         if self.transforms.robot == "libero":
             return {LIBERO_IMAGE: img, LIBERO_WRIST: img, LIBERO_STATE: np.zeros(8), "prompt": "warm up"}
-        return {"image": {self.config.image_keys[0]: img}, "state": np.zeros(self.config.action_dim),
-                "prompt": "warm up"}
+        return {"image": {self.config.image_keys[0]: img},
+                "state": np.zeros(self.expected_state_dim() or self.config.action_dim), "prompt": "warm up"}
 
 
 class ModelPolicy(BasePolicy):
