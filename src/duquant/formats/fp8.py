@@ -143,14 +143,14 @@ class Fp8Format(Format):
 
         kernels.check_gpu()
         for layer in layers:
+            if not layer.qweight.is_cuda:
+                raise self.gpu_error(layer, f"buffers are on {layer.qweight.device}; move the model with .cuda()")
             if torch.cuda.get_device_capability(layer.qweight.device) < (8, 9):
                 raise self.gpu_error(layer, "FP8 tensor cores need compute capability 8.9 or newer")
             if layer.out_rotation is not None or layer.act_static is not None:
                 raise self.gpu_error(layer, "no output-side rotation or static activation scales with fp8")
             if layer.in_features % 16 or layer.out_features % 16:
                 raise self.gpu_error(layer, "torch._scaled_mm needs in and out features divisible by 16")
-            if not layer.qweight.is_cuda:
-                raise self.gpu_error(layer, f"buffers are on {layer.qweight.device}; move the model with .cuda()")
         group = Fp8Group(list(layers), share_storage=share_storage)
         if not group.plan.fused:
             raise self.gpu_error(layers[0], f"its transform cannot run in the activation kernel: {group.plan.reason}")
