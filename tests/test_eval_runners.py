@@ -94,3 +94,15 @@ def test_progress_line_counts_steps_running_retried_failed_and_rates():
                 "error": "WorkerLost: ..."})
     assert p.line() == "steps 40  running 0  retried 1  failed 1  float 1/2 (50%)"
     p.close()
+
+
+def test_runner_ray_without_ray_is_one_line_naming_the_extra(tmp_path):
+    code = ("import sys; sys.modules['ray'] = None\n"  # as if Ray were not installed
+            "from duquant.cli import main\n"
+            f"sys.exit(main(['eval', 'libero', '--simulator', 'stub', '--policy', 'stub:', '--runner', 'ray', "
+            f"'--out', {str(tmp_path / 'run')!r}]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cluster extra" in lines[0] and 'pip install "duquant[cluster]"' in lines[0], lines
+    assert not (tmp_path / "run").exists()  # refused before the run directory is touched
