@@ -109,19 +109,23 @@ def _tile_act_kernel(
     PRESCALE: tl.constexpr = DOT == 3 and (HAS_R1 or HAS_R2)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    r = tl.arange(0, R)
-    i = tl.arange(0, BS)
-    tok_in_tile = r // NBP
-    blk = r % NBP
-    chan = blk[:, None] * BS + i[None, :]  # channel of tile element (r, i): input order and output order alike
-    valid = chan < K
-    is_last = blk == last_block
     if HOIST:  # once per program (registers / shared memory across the tile loop), else per tile from L1
         if HAS_R1:
             a0, a1 = _load_matrix(r1_ptr, BS, R1_TWO)
         if HAS_R2:
             b0, b1 = _load_matrix(r2_ptr, BS, R2_TWO)
     for tile in range(pid, num_tiles, nprog):
+        # Index tensors are built inside the loop from a zero the compiler cannot see through: hoisted out of it,
+        # the [R, BS] channel / mask / pointer tensors (two layouts each, 64-bit pointers) stay live across the
+        # loop and spill every register (ptxas: 255 registers + spills at R = 64, 8 warps).
+        z = tile >> 30
+        r = tl.arange(0, R) + z
+        i = tl.arange(0, BS)
+        tok_in_tile = r // NBP
+        blk = r % NBP
+        chan = blk[:, None] * BS + i[None, :]  # channel of tile element (r, i): input order and output order alike
+        valid = chan < K
+        is_last = blk == last_block
         if not HOIST:
             if HAS_R1:
                 a0, a1 = _load_matrix(r1_ptr, BS, R1_TWO)
@@ -230,14 +234,17 @@ def _matrices(plan: ActPlan, name: str, precision: str) -> torch.Tensor | None:
 
 
 def default_config(m: int, k: int, bs: int = 128) -> tuple[int, int, int]:
-    """(BR tokens per tile, num_warps, PERM_MODE) before tuning on the H100: tiles of 64 rows (16 at small M,
-    the tl.dot minimum), 8 warps from 64 rows up. DUQUANT_ACT_TILE="BR,WARPS,PERM" overrides."""
+    """(BR tokens per tile, num_warps, PERM_MODE) before tuning on the H100: tiles of 32 rows (16 at small M,
+    the tl.dot minimum) on 4 warps, which ptxas fits in registers (sm_90: 168-200 registers, no spills); a
+    token of more than 32 blocks is one tile of NBP rows on 8 warps (K = 16384: 128 rows, ~1 KB of spills per
+    thread: the bench sweeps 16 warps and per-tile matrix loads there). DUQUANT_ACT_TILE="BR,WARPS,PERM"
+    overrides."""
     env = os.environ.get("DUQUANT_ACT_TILE")
     if env:
         a, b, c = (int(v) for v in env.split(","))
         return a, b, c
     nbp = _next_pow2(-(-k // bs))
-    rows = 64 if m >= 256 else 16
+    rows = 32 if m >= 256 else 16
     br = max(1, rows // nbp, 16 // nbp)
     warps = 8 if br * nbp >= 64 else 4
     return br, warps, 0
