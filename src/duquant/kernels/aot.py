@@ -1,0 +1,58 @@
+"""Compile a Triton kernel for a GPU that is not here (sm_90 by default) and read what ptxas says: registers,
+spills, shared memory. Triton's whole pipeline (TTIR -> TTGIR -> PTX -> cubin) runs on the CPU with the ptxas its
+wheel ships, so a configuration that would spill or not compile on the H100 shows up before a GPU run.
+
+    from duquant.kernels.aot import tile_kernel_report
+    tile_kernel_report(block_tokens=2, nbp=16, num_warps=4)   # {'registers': 168, 'spill_bytes': 0, ...}
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+
+def compile_report(fn, signature: dict, constexprs: dict, num_warps: int = 4, arch: int = 90) -> dict:
+    """signature: {arg: type string ("*fp16", "i32", "fp32")}, constexprs: {arg: value}; -> registers, spill
+    bytes (stores), shared memory bytes, and the TTGIR's convert_layout count (register <-> shared round trips)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = dict(signature)
+    for name in constexprs:
+        sig[name] = "constexpr"
+    names = list(sig)
+    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(kernel.asm["ptx"])
+        out = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", path, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", out)
+    spill = re.search(r"(\d+) bytes spill stores", out)
+    return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": int(spill.group(1)) if spill else 0,
+            "shared_bytes": int(kernel.metadata.shared), "convert_layouts": kernel.asm["ttgir"].count(
+                "ttg.convert_layout")}
+
+
+def tile_kernel_report(block_tokens: int, nbp: int, num_warps: int, precision: str = "fp16", perm_mode: int = 0,
+                       hoist: bool = True, fp8: bool = False, two: bool = False, arch: int = 90) -> dict:
+    """compile_report of ``triton_act_tile._tile_act_kernel`` with a DuQuant transform (smooth, R1, perm, R2)."""
+    from duquant.kernels.triton_act_tile import PRECISIONS, _tile_act_kernel
+
+    dot = PRECISIONS[precision]
+    op = {0: "fp32", 1: "fp32", 2: "bf16", 3: "fp16"}[dot]
+    sig = {"x_ptr": "*bf16", "stride_xm": "i32", "M": "i32", "K": "i32", "num_tiles": "i32", "inv_s_ptr": "*fp32",
+           "r1_ptr": f"*{op}", "r2_ptr": f"*{op}", "perm_ptr": "*i16", "scratch_ptr": f"*{op}",
+           "codes_ptr": "*fp8e4nv" if fp8 else "*i8", "stride_cm": "i32", "scale_ptr": "*fp32", "zero_ptr": "*fp32",
+           "rowsum_ptr": "*i32", "clip": "fp32", "last_block": "i32"}
+    cons = dict(BR=block_tokens, NBP=nbp, BS=128, HAS_SMOOTH=True, HAS_R1=True, R1_TWO=two, HAS_PERM=True,
+                HAS_R2=True, R2_TWO=two, SYMMETRIC=False, DOT=dot, PERM_MODE=perm_mode, EXACT_DIV=True,
+                USE_LIBDEVICE=True, HOIST=hoist, SPLIT=False, FP8=fp8, ROUND_E4M3=False)
+    return compile_report(_tile_act_kernel, sig, cons, num_warps=num_warps, arch=arch)
