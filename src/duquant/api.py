@@ -16,17 +16,24 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from duquant import __version__
+from duquant import __version__, registry
 from duquant.calibration import CalibrationResult, LayerStats
 from duquant.calibration import calibrate as run_calibration
 from duquant.config import DuQuantConfig, env_is_active
 from duquant.layers import DuQuantLinear, rotate_rows
 from duquant.packs import PackStore, group_fingerprint, weight_fingerprint
-from duquant.quantizers import QuantizedWeight, quantize_weight, search_weight_clip, static_activation_qparams
+from duquant.quantizers import QuantizedWeight, search_weight_clip, static_activation_qparams
 from duquant.selection import layer_line, part_counts, select_layers, selection_summary
 from duquant.transform import LayerTransform, build_transform, hadamard_block_rotation
 
-NEEDS_ACTIVATIONS = {"duquant", "smoothquant"}
+NEEDS_ACTIVATIONS = {name for name, spec in registry.METHODS.items() if spec.needs_activations}
+
+
+def needs_calibration(config: DuQuantConfig) -> bool:
+    """Whether the method, the weight rounding or an activation option needs calibration statistics."""
+    return (registry.method(config.method).needs_activations
+            or registry.rounding(config.weight_rounding).needs_activations
+            or bool(config.act_static or config.act_pct))
 
 
 @dataclass
@@ -107,12 +114,16 @@ def _seed_for(config: DuQuantConfig, name: str) -> int:
 
 def quantize(model: nn.Module, config: DuQuantConfig | None = None,
              calibrate: Callable[[nn.Module], None] | None = None, *, calibration: CalibrationResult | None = None,
-             progress: bool = True, verbose: bool = True) -> QuantReport:
+             progress: bool = True, verbose: bool = True, transforms: dict | None = None) -> QuantReport:
     """Replace the selected ``nn.Linear`` layers of `model` by ``DuQuantLinear`` in place.
 
     `calibrate(model)` runs the forward passes used for calibration (any number of batches); it is called at most
     once, and not at all when every layer is found in the pack directory. `calibration` passes statistics recorded
     earlier (``duquant.calibration.calibrate``) instead, e.g. to compare several methods on one calibration run.
+    With ``config.sequential`` `calibrate` is called once per transformer block (the first call may be replaced by
+    `calibration`): each block's statistics come from the float inputs passed through the blocks before it,
+    already quantized, as the official code calibrates. `transforms` is an optional cache of built transforms
+    shared between calls on the same statistics (the report uses it across bit widths and parts).
     """
     config = config or DuQuantConfig()
     selection = select_layers(model, config)
@@ -164,8 +175,15 @@ def quantize(model: nn.Module, config: DuQuantConfig | None = None,
 
     # 2. Calibration, only for what the packs did not provide.
     calib: CalibrationResult | None = None
-    needs_stats = config.method in NEEDS_ACTIVATIONS or config.act_static or config.clip_search or config.act_pct
-    if todo and needs_stats and calibration is not None:
+    needs_stats = needs_calibration(config) or config.clip_search
+    built: dict[str, tuple[DuQuantLinear, dict]] = {}
+    if todo and needs_stats and config.sequential:
+        if calibrate is None:
+            raise ValueError("sequential calibration runs the calibration passes once per block: pass "
+                             "calibrate=fn (or set sequential=False to use a recorded calibration)")
+        built, report.calibration_seconds, report.quantization_seconds = _quantize_sequential(
+            model, todo, calibrate, config, calibration, transforms, progress)
+    elif todo and needs_stats and calibration is not None:
         missing = [n for n in todo if n not in calibration.stats]
         if missing:
             raise ValueError(f"the calibration passed in has no statistics for {len(missing)} selected layers, "
@@ -173,31 +191,26 @@ def quantize(model: nn.Module, config: DuQuantConfig | None = None,
         groups = [[n for n in g if n in todo] for g in calibration.groups]
         calib = CalibrationResult({n: calibration.stats[n] for n in todo}, [g for g in groups if g], 0.0)
     elif todo and needs_stats and calibrate is not None:
-        calib = run_calibration(model, todo, calibrate, max_tokens=config.calib_tokens, seed=config.seed)
+        calib = run_calibration(model, todo, calibrate, max_tokens=config.calib_tokens, seed=config.seed,
+                                hessian=_wants_hessian(config))
         report.calibration_seconds = calib.seconds
-    elif todo and (config.method in NEEDS_ACTIVATIONS or config.act_static or config.act_pct):
+    elif todo and needs_calibration(config):
         # Never a quiet weight-only DuQuant: its rotations would be built for the weights, not the activations.
         # (clip_search alone falls back to the weight MSE, as documented.)
-        needs = f"method {config.method!r}" if config.method in NEEDS_ACTIVATIONS else "act_static / act_pct"
+        needs = (f"method {config.method!r}" if config.method in NEEDS_ACTIVATIONS else
+                 f"weight rounding {config.weight_rounding!r}"
+                 if registry.rounding(config.weight_rounding).needs_activations else "act_static / act_pct")
         raise ValueError(f"{needs} needs activation statistics for {len(todo)} layers without a pack (e.g. "
                          f"{next(iter(todo))}): pass calibrate=fn (runs your calibration forward passes) or "
                          "calibration=<duquant.calibration.calibrate(...)>, or point packdir at packs written by "
                          "a calibrated run (duquant quantize); method 'rtn' or 'hadamard' needs no calibration")
 
-    # 3. Transform + quantize each group.
-    start = time.perf_counter()
-    groups = calib.groups if calib is not None else [[n] for n in todo]
-    if not config.share_transforms:
-        groups = [[n] for g in groups for n in g]
-    from tqdm.auto import tqdm
-
-    built: dict[str, tuple[DuQuantLinear, dict]] = {}
-    for group in tqdm(groups, desc=f"quantize ({config.method})", disable=not progress, leave=False):
-        stats = calib.stats[group[0]] if calib is not None else None
-        layers, metas = quantize_group(group, {n: todo[n] for n in group}, stats, config)
-        for n in group:
-            built[n] = (layers[n], metas[n])
-    report.quantization_seconds = time.perf_counter() - start
+    # 3. Transform + quantize each group (done above, block by block, in sequential mode).
+    if not built:
+        start = time.perf_counter()
+        groups = calib.groups if calib is not None else [[n] for n in todo]
+        built = _quantize_groups(groups, todo, calib, config, transforms, progress)
+        report.quantization_seconds = time.perf_counter() - start
 
     # 4. Save new packs, swap modules, build the report.
     manifest = {}
@@ -210,7 +223,8 @@ def quantize(model: nn.Module, config: DuQuantConfig | None = None,
                     "duquant_version": __version__}
             path = store.save(name, layer_tensors(layer), meta)
             manifest[name] = {"file": path.name, "config_hash": meta["config_hash"],
-                              "weight_fingerprint": fingerprints[name], "transform_kind": meta["transform_kind"]}
+                              "weight_fingerprint": fingerprints[name], "transform_kind": meta["transform_kind"],
+                              "weight_rounding": meta["weight_rounding"]}
         loaded[name] = layer
     if store is not None and manifest:
         store.write_manifest(manifest)
@@ -235,19 +249,111 @@ def quantize(model: nn.Module, config: DuQuantConfig | None = None,
     return report
 
 
-def quantize_group(names: list[str], modules: dict[str, nn.Linear], stats: LayerStats | None,
-                   config: DuQuantConfig) -> tuple[dict[str, DuQuantLinear], dict[str, dict]]:
-    """One transform for layers that share their input, then each layer's weight folded and quantized."""
-    first = modules[names[0]]
-    device = first.weight.device
-    w_cat = torch.cat([modules[n].weight.detach().float().cpu() for n in names])
-    act_absmax = stats.absmax if stats is not None else None
-    sample = stats.sample if stats is not None else None
+def _wants_hessian(config: DuQuantConfig) -> bool:
+    """GPTQ uses the Hessian over every calibration token when recording it is cheap enough (narrow layers)."""
+    return registry.rounding(config.weight_rounding).needs_activations
+
+
+def _quantize_groups(groups: list[list[str]], todo: dict[str, nn.Linear], calib: CalibrationResult | None,
+                     config: DuQuantConfig, transforms: dict | None, progress: bool
+                     ) -> dict[str, tuple[DuQuantLinear, dict]]:
+    from tqdm.auto import tqdm
+
+    if not config.share_transforms:
+        groups = [[n] for g in groups for n in g]
+    built = {}
+    for group in tqdm(groups, desc=f"quantize ({config.method})", disable=not progress, leave=False):
+        stats = calib.stats[group[0]] if calib is not None else None
+        layers, metas = quantize_group(group, {n: todo[n] for n in group}, stats, config, transforms=transforms)
+        for n in group:
+            built[n] = (layers[n], metas[n])
+    return built
+
+
+def _quantize_sequential(model: nn.Module, todo: dict[str, nn.Linear], calibrate: Callable[[nn.Module], None],
+                         config: DuQuantConfig, first: CalibrationResult | None, transforms: dict | None,
+                         progress: bool) -> tuple[dict[str, tuple[DuQuantLinear, dict]], float, float]:
+    """Sequential calibration: block k's statistics are recorded with blocks 0..k-1 already quantized and
+    swapped in. The first pass (over every layer, float model) gives the forward order, the groups and block 0's
+    statistics; each later block costs one more run of `calibrate`."""
+    from duquant.calibration import sequential_stages
+
+    hessian = _wants_hessian(config)
+    if first is None or not first.order or any(n not in first.stats for n in todo):
+        first = run_calibration(model, todo, calibrate, max_tokens=config.calib_tokens, seed=config.seed,
+                                hessian=hessian)
+    calib_s, quant_s = first.seconds, 0.0
+    order = [n for n in first.order if n in todo]
+    stages = sequential_stages(order)
+    built: dict[str, tuple[DuQuantLinear, dict]] = {}
+    for k, stage in enumerate(stages):
+        members = set(stage)
+        groups = [[n for n in g if n in members] for g in first.groups]
+        groups = [g for g in groups if g]
+        if k == 0:
+            calib = first
+        else:
+            calib = run_calibration(model, {n: todo[n] for n in stage}, calibrate, max_tokens=config.calib_tokens,
+                                    seed=config.seed, hessian=hessian)
+            calib_s += calib.seconds
+        start = time.perf_counter()
+        stage_built = _quantize_groups(groups, todo, calib, config, transforms, progress=False)
+        quant_s += time.perf_counter() - start
+        for name, (layer, _) in stage_built.items():
+            layer.backend = config.backend
+            _set_module(model, name, layer)  # the next block calibrates on this block's quantized outputs
+        built.update(stage_built)
+        if progress:
+            _log(f"[duquant] sequential calibration: block {k + 1}/{len(stages)} ({len(stage)} layers)")
+    return built, calib_s, quant_s
+
+
+def group_transform(names: list[str], modules: dict[str, nn.Linear], stats: LayerStats | None,
+                    config: DuQuantConfig, transforms: dict | None = None) -> LayerTransform:
+    """The transform shared by `names`, from `transforms` (a cache: the report reuses one transform across
+    bit widths and parts built from the same statistics) or built now, on the statistics' device."""
+    key = (config.method, tuple(names), config.block_size, config.smoothing_alpha, config.rotation_steps,
+           config.permute, _seed_for(config, names[0]), id(stats))
+    if transforms is not None and key in transforms:
+        return transforms[key][0]
+    w_cat = torch.cat([modules[n].weight.detach().float() for n in names])
     transform = build_transform(
-        config.method, weight=w_cat, act_absmax=act_absmax, act_sample=sample, block_size=config.block_size,
+        config.method, weight=w_cat, act_absmax=stats.absmax if stats is not None else None,
+        act_sample=stats.sample if stats is not None else None, block_size=config.block_size,
         alpha=config.smoothing_alpha, steps=config.rotation_steps, permute=config.permute,
         seed=_seed_for(config, names[0]))
+    if transforms is not None:
+        transforms[key] = (transform, stats)  # holding `stats` keeps its id from being reused
+    return transform
+
+
+def transformed_hessian(transform: LayerTransform, stats: LayerStats | None, x_t: torch.Tensor | None
+                        ) -> torch.Tensor | None:
+    """E[x_t^T x_t] in the transformed basis: M^T H M from the Hessian accumulated over every calibration token
+    when the calibration kept one (x_t = x M is linear in x), else from the transformed token sample."""
+    if stats is not None and stats.hessian is not None and stats.tokens_seen:
+        h = stats.hessian.double() / stats.tokens_seen
+        return transform.apply(transform.apply(h).T.contiguous()).T.contiguous()
+    if x_t is None:
+        return None
+    from duquant.rounding.gptq import input_hessian
+
+    return input_hessian(x_t)
+
+
+def quantize_group(names: list[str], modules: dict[str, nn.Linear], stats: LayerStats | None,
+                   config: DuQuantConfig, transforms: dict | None = None
+                   ) -> tuple[dict[str, DuQuantLinear], dict[str, dict]]:
+    """One transform for layers that share their input, then each layer's weight folded and rounded by the
+    configured weight rounding (duquant/rounding/), on the layer's device."""
+    first = modules[names[0]]
+    device = first.weight.device
+    sample = stats.sample if stats is not None else None
+    transform = group_transform(names, modules, stats, config, transforms)
     x_t = transform.apply(sample) if sample is not None else None
+    rounding = registry.rounding(config.weight_rounding)
+    round_weight = registry.load(rounding.rounder)
+    hessian = transformed_hessian(transform, stats, x_t) if rounding.needs_activations else None
 
     act_clip = config.activation_clip
     if config.act_pct is not None and x_t is not None:
@@ -260,7 +366,7 @@ def quantize_group(names: list[str], modules: dict[str, nn.Linear], stats: Layer
     for name in names:
         module = modules[name]
         bits = config.bits_for(name)
-        w_t = transform.fold_into_weight(module.weight.detach().float().cpu())
+        w_t = transform.fold_into_weight(module.weight.detach().float())
         out_rot = None
         if config.row_rot != "0":
             out_rot = hadamard_block_rotation(module.out_features, config.block_out or config.block_size,
@@ -269,7 +375,8 @@ def quantize_group(names: list[str], modules: dict[str, nn.Linear], stats: Layer
         clip: float | torch.Tensor = config.weight_clip(bits)
         if config.clip_search:
             clip = search_weight_clip(w_t, x_t, bits, config.w_symmetric)
-        qw = quantize_weight(w_t, bits, symmetric=config.w_symmetric, clip=clip, group_size=config.w_group_size)
+        qw = round_weight(w_t, bits=bits, symmetric=config.w_symmetric, clip=clip, group_size=config.w_group_size,
+                          x_t=x_t, hessian=hessian, damp=config.gptq_damp, act_order=config.gptq_act_order)
         layer = DuQuantLinear(
             module.in_features, module.out_features, qweight=qw, transform=transform, bias=module.bias,
             abits=config.abits, act_symmetric=config.act_symmetric, act_clip=act_clip, act_static=act_static,
@@ -280,6 +387,7 @@ def quantize_group(names: list[str], modules: dict[str, nn.Linear], stats: Layer
                        "act_clip": act_clip, "act_static": list(act_static) if act_static else None,
                        "wbits": bits, "w_symmetric": config.w_symmetric, "w_group_size": config.w_group_size,
                        "abits": config.abits, "act_symmetric": config.act_symmetric, "method": config.method,
+                       "weight_rounding": config.weight_rounding,
                        "block_size": config.block_size, "in_features": module.in_features,
                        "shape": [module.out_features, module.in_features],
                        "out_features": module.out_features}

@@ -19,6 +19,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from duquant import registry
+
 ENV_PREFIX = "OPENPI_DUQUANT_"
 
 # Linear layers inside transformer blocks; `out_proj` is SigLIP's attention output.
@@ -37,7 +39,8 @@ def default_exclude(include_action_head: bool = False) -> str:
         r"|_layernorm\.dense$|\.norm\.dense$"
 
 
-METHODS = ("duquant", "smoothquant", "hadamard", "rtn")
+METHODS = tuple(registry.METHODS)  # duquant, smoothquant, hadamard, rtn (duquant/registry.py)
+WEIGHT_ROUNDINGS = tuple(registry.ROUNDINGS)  # rtn, gptq
 BACKENDS = ("fake", "gpu")
 ROW_ROT_VALUES = ("0", "restore", "propagate")
 WEIGHT_BITS = (2, 3, 4, 8)
@@ -116,6 +119,10 @@ class DuQuantConfig:
     act_clip: float | None = None  # None: default_act_clip(abits), 0.9 (paper) at <= 4 bits, 1.0 at 8 bits
     act_pct: float | None = None  # percentile clipping of activations, folded into a per-layer clip ratio
     act_static: bool = False  # one static per-tensor activation scale instead of per-token dynamic
+    weight_rounding: str = "rtn"  # rtn | gptq (duquant/rounding/), in the transformed basis
+    gptq_damp: float = 0.01  # GPTQ damping, a fraction of the Hessian's mean diagonal
+    gptq_act_order: bool = False  # GPTQ visits input columns by decreasing Hessian diagonal
+    sequential: bool = False  # calibrate block by block on the outputs of the already-quantized blocks
     calib_steps: int = 32
     calib_tokens: int = 2048  # bounded token sample kept per layer for the greedy search and clip search
     share_transforms: bool = True  # q/k/v and gate/up (layers fed the same tensor) share one transform
@@ -133,6 +140,12 @@ class DuQuantConfig:
                               f" (OPENPI_DUQUANT_PRESET / --preset)")
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {list(METHODS)} (--method)")
+        if self.weight_rounding not in WEIGHT_ROUNDINGS:
+            raise ConfigError(f"unknown weight rounding {self.weight_rounding!r}; choose one of "
+                              f"{list(WEIGHT_ROUNDINGS)} (OPENPI_DUQUANT_WEIGHT_ROUNDING / --weight-rounding)")
+        if not 0.0 < self.gptq_damp < 10.0:
+            raise ConfigError(f"GPTQ damping {self.gptq_damp} must be in (0, 10), typically 0.01 "
+                              "(OPENPI_DUQUANT_GPTQ_DAMP / --gptq-damp)")
         if self.wbits not in WEIGHT_BITS:
             raise ConfigError(f"weight bits {self.wbits} not supported; use one of {list(WEIGHT_BITS)}"
                               f" (OPENPI_DUQUANT_WBITS_DEFAULT / --wbits)")
@@ -184,7 +197,8 @@ class DuQuantConfig:
     def smoothing_alpha(self) -> float:
         if self.alpha is not None:
             return self.alpha
-        return 0.5 if self.method == "smoothquant" else 0.6
+        default = registry.method(self.method).default_alpha
+        return 0.6 if default is None else default
 
     def weight_clip(self, bits: int) -> float:
         if self.w_clip is not None:
@@ -257,6 +271,9 @@ class DuQuantConfig:
         relevant["alpha"] = self.smoothing_alpha
         relevant["w_clip"] = self.weight_clip(relevant["wbits"])
         relevant["act_clip"] = self.activation_clip
+        for key, default in _PACK_FIELDS_SINCE_ROUNDING.items():  # only when set: older packs stay valid
+            if relevant.get(key) == default:
+                relevant.pop(key)
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -283,7 +300,11 @@ class DuQuantConfig:
 
 _PACK_FIELDS = {"method", "wbits", "abits", "block_size", "block_out", "permute", "row_rot", "alpha", "rotation_steps",
                 "w_symmetric", "w_clip", "w_group_size", "clip_search", "act_symmetric", "act_clip", "act_pct",
-                "act_static", "share_transforms", "seed", "version"}
+                "act_static", "share_transforms", "seed", "version", "weight_rounding", "gptq_damp",
+                "gptq_act_order", "sequential"}
+# Added after packs were first written: hashed only when not at their default.
+_PACK_FIELDS_SINCE_ROUNDING = {"weight_rounding": "rtn", "gptq_damp": 0.01, "gptq_act_order": False,
+                               "sequential": False}
 
 
 # ---- environment -------------------------------------------------------------------------------------------------
@@ -350,6 +371,10 @@ ENV_VARS: dict[str, tuple[str | None, object, str]] = {
     "ACT_STATIC": ("act_static", _bool, "one static per-tensor activation scale (1/0)"),
     "CLIP_SEARCH": ("clip_search", _bool, "per-channel weight clip search on calibration data (1/0)"),
     "STEPS": ("rotation_steps", _int, "greedy rotation steps (paper 256)"),
+    "WEIGHT_ROUNDING": ("weight_rounding", lambda v, x: x.strip().lower(), f"one of {list(WEIGHT_ROUNDINGS)}"),
+    "GPTQ_DAMP": ("gptq_damp", _float, "GPTQ damping, fraction of the mean Hessian diagonal (0.01)"),
+    "GPTQ_ACT_ORDER": ("gptq_act_order", _bool, "GPTQ in decreasing Hessian-diagonal order (1/0)"),
+    "SEQUENTIAL": ("sequential", _bool, "calibrate block by block through the quantized blocks (1/0)"),
     "CALIB_STEPS": ("calib_steps", _int, "calibration batches"),
     "SEED": ("seed", _int, "seed of the random rotations"),
     "PACKDIR": ("packdir", lambda v, x: x, "directory of per-layer pack files"),
@@ -419,6 +444,13 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--clip-search", action="store_const", const=True, help="search weight clips [CLIP_SEARCH]")
     g.add_argument("--act-static", action="store_const", const=True, help="static per-tensor act scale [ACT_STATIC]")
     g.add_argument("--rotation-steps", type=int, help="greedy rotation steps (default 256) [STEPS]")
+    g.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS,
+                   help="rtn (default) | gptq: error-compensating rounding [WEIGHT_ROUNDING]")
+    g.add_argument("--gptq-damp", type=float, help="GPTQ damping (default 0.01) [GPTQ_DAMP]")
+    g.add_argument("--act-order", dest="gptq_act_order", action="store_const", const=True,
+                   help="GPTQ activation order [GPTQ_ACT_ORDER]")
+    g.add_argument("--sequential", action="store_const", const=True,
+                   help="sequential (block-by-block) calibration [SEQUENTIAL]")
     g.add_argument("--calib-steps", type=int, help="calibration batches (default 32) [CALIB_STEPS]")
     g.add_argument("--seed", type=int, help="seed of the random rotations [SEED]")
     g.add_argument("--packdir", help="pack directory [PACKDIR]")

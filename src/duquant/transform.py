@@ -37,6 +37,7 @@ __all__ = [
     "LayerTransform",
     "build_transform",
     "greedy_block_rotation",
+    "greedy_blocks",
     "hadamard_block_rotation",
     "random_orthogonal",
     "smoothing_scales",
@@ -57,8 +58,8 @@ def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alph
     if act_absmax.shape != weight_absmax.shape:
         raise ValueError(f"act_absmax {tuple(act_absmax.shape)} and weight_absmax "
                          f"{tuple(weight_absmax.shape)} must both be [C]")
-    a = act_absmax.detach().float().cpu().clamp(min=1e-5)
-    w = weight_absmax.detach().float().cpu().clamp(min=1e-5)
+    a = act_absmax.detach().float().clamp(min=1e-5)
+    w = weight_absmax.detach().float().to(a.device).clamp(min=1e-5)
     s = (a.pow(alpha) / w.pow(1.0 - alpha)).clamp(min=1e-5)
     s = torch.where(s < SMOOTH_MIN, torch.full_like(s, SMOOTH_MIN), s)
     # A non-finite statistic (inf/nan from a broken calibration batch) must not poison the transform.
@@ -102,60 +103,83 @@ def uniform_first_row_rotation(n: int, generator: torch.Generator | None = None)
 
 def _candidate_rows(x: torch.Tensor, width: int, max_rows: int) -> torch.Tensor:
     """Rows of the [T * nblocks, width] view of x [T, nblocks*width] that can hold the maximum during the
-    greedy search, as float32 [R, width].
+    greedy search, as float32 [R, width] on x's device.
 
     Orthogonal maps keep row norms, and max|Y| >= (largest row norm) / sqrt(width) at every step, so a row
     whose norm is below that bound can never hold the maximum and does not influence any greedy choice: such
     rows are dropped exactly. Of the rest at most `max_rows` (largest norms, i.e. the largest values any
     rotation can produce) are kept, an approximation that matters only when thousands of rows are nearly
     tied."""
-    t = x.shape[0]
-    view = x.reshape(t, -1, width)  # a view when x is contiguous; norms computed in x's dtype (float32)
-    norms = view.norm(dim=-1).reshape(-1)
-    finite = torch.isfinite(norms)
-    if not bool(finite.all()):
-        norms = torch.where(finite, norms, torch.zeros_like(norms))
-    top = float(norms.max()) if norms.numel() else 0.0
-    if top <= 0.0:
+    view = x.reshape(-1, width)
+    norms = view.norm(dim=-1)
+    norms = torch.where(torch.isfinite(norms), norms, torch.zeros_like(norms))
+    if norms.numel() == 0:
         return x.new_zeros((0, width), dtype=torch.float32)
+    top = norms.max()
     keep = torch.nonzero(norms >= top / math.sqrt(width) * (1 - 1e-6)).squeeze(1)
     if keep.numel() > max_rows:
         keep = keep[norms[keep].topk(max_rows).indices]
-    return view.reshape(-1, width)[keep].float()
+    if bool(top <= 0):
+        return x.new_zeros((0, width), dtype=torch.float32)
+    return view[keep].float()
+
+
+def _step_matrices(base: torch.Tensor) -> torch.Tensor:
+    """S[d] = E_d B E_d for every channel d ([n, n, n]): one greedy step targeting d is then `y @ S[d]`, a
+    gather and a matmul with no Python-side index work (and no device sync on a GPU)."""
+    n = base.shape[0]
+    perms = torch.arange(n).repeat(n, 1)
+    perms[torch.arange(n), 0] = torch.arange(n)
+    perms[torch.arange(n), torch.arange(n)] = 0
+    return base[perms.unsqueeze(2), perms.unsqueeze(1)]  # [d, i, j] = B[perm_d[i], perm_d[j]]
 
 
 def _greedy(y: torch.Tensor, steps: int, generator: torch.Generator | None) -> torch.Tensor:
-    """Greedy rotation of the rows of y [rows, n]; returns an n x n float64 orthogonal matrix.
+    """Greedy rotation of the rows of y [rows, n] (any device); returns an n x n float64 CPU orthogonal matrix.
 
     Step i: d = the channel (column) holding the largest |value| (paper's rule); y <- y @ (E_d B E_d), E_d the
     exchange of channels 0 and d, B = `uniform_first_row_rotation` drawn once per search. The product of the
-    first k steps with the smallest max|y| (k = 0 .. steps, k = 0 being the identity) is returned."""
+    first k steps with the smallest max |y| (k = 0 .. steps, k = 0 being the identity; the first such k on a
+    tie) is returned. The search runs in float32 on y's device and only records the choices; the kept product
+    is rebuilt once at the end, in float64."""
     n = y.shape[1]
     if n < 2 or steps <= 0 or y.shape[0] == 0:
         return torch.eye(n, dtype=torch.float64)
     base = uniform_first_row_rotation(n, generator)
-    yf = y.float()  # the greedy choices are made in float32 (fast); the product is accumulated in float64
-    base_f = base.float()
+    step = _step_matrices(base.float()).to(y.device)
+    cur, nxt = y.float().clone(), torch.empty_like(y, dtype=torch.float32)  # never write into the caller's y
+    choices = torch.empty(steps, dtype=torch.long, device=y.device)
+    maxes = torch.empty(steps + 1, dtype=torch.float32, device=y.device)
+    lo, hi = torch.aminmax(cur, dim=0)
+    col = torch.maximum(hi, -lo)
+    maxes[0] = col.max()
+    for i in range(steps):
+        d = col.argmax()
+        choices[i] = d
+        torch.matmul(cur, step[d], out=nxt)
+        cur, nxt = nxt, cur
+        lo, hi = torch.aminmax(cur, dim=0)
+        col = torch.maximum(hi, -lo)
+        maxes[i + 1] = col.max()
+    k = int(maxes.argmin())  # first minimum: a later equal max does not replace the earlier, shorter prefix
     rot = torch.eye(n, dtype=torch.float64)
-    best, best_rot = float(yf.abs().max()), rot
-    idx = torch.arange(n)
-    col_max = yf.abs().amax(dim=0)
-    for _ in range(steps):
-        d = int(col_max.argmax())
-        perm = idx.clone()
-        perm[0], perm[d] = d, 0
-        yf = yf[:, perm] @ base_f[:, perm]  # == yf @ (E_d B E_d): E_d B E_d = B[perm][:, perm], E_d E_d = I
-        rot = rot[:, perm] @ base[:, perm]
-        col_max = yf.abs().amax(dim=0)
-        m = float(col_max.max())
-        if m < best:
-            best, best_rot = m, rot
-    return best_rot
+    step64 = None
+    for d in choices[:k].tolist():
+        if step64 is None:
+            step64 = {}
+        s = step64.get(d)
+        if s is None:
+            perm = torch.arange(n)
+            perm[0], perm[d] = d, 0
+            s = step64[d] = base[perm][:, perm]
+        rot = rot @ s
+    return rot
 
 
 def greedy_block_rotation(x: torch.Tensor, block_size: int, steps: int = 256,
                           generator: torch.Generator | None = None) -> torch.Tensor:
-    """DuQuant's greedy block rotation [nb, bs, bs] float32 from activations x [T, C].
+    """DuQuant's greedy block rotation [nb, bs, bs] float32 (CPU) from activations x [T, C] (any device; the
+    search runs there).
 
     One matrix, built from the statistics of all full blocks together (the [T * C//bs, bs] view, paper Remark
     2), is shared by every full block; a narrower last block of r = C % bs channels gets its own r x r matrix,
@@ -164,18 +188,18 @@ def greedy_block_rotation(x: torch.Tensor, block_size: int, steps: int = 256,
         raise ValueError(f"greedy_block_rotation expects x [T, C], got shape {tuple(x.shape)}")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    x = x.detach().cpu()
+    x = x.detach()
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
     finite = torch.isfinite(x).all(dim=1)
     if not bool(finite.all()):
         x = x[finite]
-    return _greedy_blocks(x, block_size, steps, generator)
+    return greedy_blocks(x, block_size, steps, generator)
 
 
-def _greedy_blocks(x: torch.Tensor, block_size: int, steps: int, generator: torch.Generator | None
-                   ) -> torch.Tensor:
-    """greedy_block_rotation on a finite float32/float64 CPU tensor (no checks)."""
+def greedy_blocks(x: torch.Tensor, block_size: int, steps: int, generator: torch.Generator | None
+                  ) -> torch.Tensor:
+    """greedy_block_rotation on a finite float32/float64 tensor (no checks)."""
     c = x.shape[1]
     nb, full, r = -(-c // block_size), c // block_size, c % block_size
     out = torch.eye(block_size, dtype=torch.float64).repeat(nb, 1, 1)
@@ -448,9 +472,6 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 # ---- builders ----------------------------------------------------------------------------------------------
 
-METHODS = ("rtn", "smoothquant", "hadamard", "duquant")
-
-
 def build_transform(method: str, *, weight: torch.Tensor, act_absmax: torch.Tensor | None,
                     act_sample: torch.Tensor | None, block_size: int = 128, alpha: float = 0.6,
                     steps: int = 256, permute: bool = True, seed: int = 0) -> LayerTransform:
@@ -458,68 +479,40 @@ def build_transform(method: str, *, weight: torch.Tensor, act_absmax: torch.Tens
     dim 0: the smoothing's weight statistic is then the max over all of them; pass q's weight alone to mimic
     the official code, which uses q_proj's / up_proj's maxima for the whole q/k/v and gate/up groups).
 
-    method:
-    - "rtn": identity (kind "rtn").
-    - "smoothquant": smoothing only, s = a^alpha / w^(1-alpha) (the caller picks alpha; SmoothQuant's is 0.5).
-    - "hadamard": block Hadamard of `block_size` (QuaRot-style), no smoothing.
-    - "duquant": smoothing -> R1 greedy on the smoothed sample -> zigzag from max|x R1| -> R2 greedy on the
-      permuted sample. alpha <= 0 switches smoothing off; permute=False keeps R1 only (paper's "Perm0").
-      Without act_sample it falls back to weight statistics (kind "duquant-weight-only"): smoothing from
-      act_absmax when given (else none), and the rows of the smoothed weight W*s stand in for tokens, so the
-      greedy rotations flatten the weight's outliers and the zigzag uses the rotated weight's per-column
-      absmax.
+    `method` is a name registered in ``duquant.registry`` (rtn, smoothquant, hadamard, duquant; see
+    ``duquant/methods/``). The search runs on act_sample's device (the model's, when the calibration sample
+    stays there); the result is on the CPU. Non-finite tokens of the sample are dropped; act_absmax defaults to
+    the sample's.
 
     Deterministic for a given seed (the random Q' of the greedy steps and of non-power-of-two Hadamard
     blocks)."""
+    from duquant import registry
+
+    builder = registry.load(registry.method(method).builder)
     if weight.dim() != 2:
         raise ValueError(f"weight must be [out, C], got shape {tuple(weight.shape)}")
     c = weight.shape[1]
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     generator = torch.Generator().manual_seed(int(seed))
-    if method == "rtn":
-        return LayerTransform(c, block_size, kind="rtn")
-    if method == "hadamard":
-        rot = hadamard_block_rotation(c, block_size, generator)
-        return LayerTransform(c, block_size, rot1=rot, kind="hadamard")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
-
-    w = weight.detach().float().cpu()
-    w_absmax = w.abs().amax(dim=0)
     sample = None
     if act_sample is not None:
         if act_sample.dim() != 2 or act_sample.shape[1] != c:
             raise ValueError(f"act_sample must be [T, {c}], got shape {tuple(act_sample.shape)}")
-        sample = act_sample.detach().float().cpu()
-        sample = sample[torch.isfinite(sample).all(dim=1)]
+        sample = act_sample.detach().float()
+        finite = torch.isfinite(sample).all(dim=1)
+        if not bool(finite.all()):
+            sample = sample[finite]
         if sample.shape[0] == 0:
             sample = None
     if act_absmax is None and sample is not None:
         act_absmax = sample.abs().amax(dim=0)
     if act_absmax is not None and tuple(act_absmax.shape) != (c,):
         raise ValueError(f"act_absmax must be [{c}], got shape {tuple(act_absmax.shape)}")
-
-    if method == "smoothquant":
-        if act_absmax is None:
-            raise ValueError("smoothquant needs the activations' per-channel absmax (calibration data)")
-        return LayerTransform(c, block_size, smooth=smoothing_scales(act_absmax, w_absmax, alpha),
-                              kind="smoothquant")
-
-    # duquant
-    smooth = smoothing_scales(act_absmax, w_absmax, alpha) if act_absmax is not None and alpha > 0 else None
-    if sample is not None:
-        x, kind = (sample / smooth if smooth is not None else sample), "duquant"
-    else:
-        x, kind = (w * smooth if smooth is not None else w), "duquant-weight-only"
-    rot1 = _greedy_blocks(x, block_size, steps, generator)
-    t = LayerTransform(c, block_size, smooth=smooth, rot1=rot1, kind=kind)
-    if not permute:
-        return t
-    x1 = t._rotate(x, "rot1")
-    del x
-    perm = zigzag_permutation(x1.abs().amax(dim=0), block_size)
-    x2 = x1[:, perm]
-    del x1
-    rot2 = _greedy_blocks(x2, block_size, steps, generator)
-    return LayerTransform(c, block_size, smooth=smooth, rot1=rot1, perm=perm, rot2=rot2, kind=kind)
+    device = sample.device if sample is not None else torch.device("cpu")
+    w = weight.detach().to(device=device, dtype=torch.float32)
+    if act_absmax is not None:
+        act_absmax = act_absmax.detach().to(device=device, dtype=torch.float32)
+    t = builder(w, act_absmax=act_absmax, act_sample=sample, block_size=block_size, alpha=alpha, steps=steps,
+                permute=permute, generator=generator)
+    return t.to("cpu")

@@ -1,0 +1,91 @@
+"""The one registry of choices: transform methods and weight roundings.
+
+Adding a method or a rounding is one module (``duquant/methods/<name>.py`` with ``build(...)``, or
+``duquant/rounding/<name>.py`` with ``round_weight(...)``) and one ``register_*`` line at the bottom of this file.
+Everything else (config validation, CLI choices, ``build_transform``, which methods need calibration data, the
+report's method list, pack keys) reads these tables.
+
+Torch-free on purpose (config.py imports it); implementations are imported lazily by their dotted path.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A transform method. `builder` is "module:function" with the signature of
+    ``duquant.methods.duquant.build``."""
+
+    name: str
+    builder: str
+    needs_activations: bool  # calibration statistics required (an error without them, or a documented fallback)
+    default_alpha: float | None  # smoothing strength when --alpha / OPENPI_DUQUANT_LS is not given
+    summary: str
+
+
+@dataclass(frozen=True)
+class RoundingSpec:
+    """A weight rounding. `rounder` is "module:function" with the signature of
+    ``duquant.rounding.rtn.round_weight``."""
+
+    name: str
+    rounder: str
+    needs_activations: bool  # needs the transformed calibration inputs (e.g. GPTQ's Hessian)
+    summary: str
+
+
+METHODS: dict[str, MethodSpec] = {}
+ROUNDINGS: dict[str, RoundingSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    if spec.name in METHODS:
+        raise ValueError(f"method {spec.name!r} is already registered")
+    METHODS[spec.name] = spec
+    return spec
+
+
+def register_rounding(spec: RoundingSpec) -> RoundingSpec:
+    if spec.name in ROUNDINGS:
+        raise ValueError(f"weight rounding {spec.name!r} is already registered")
+    ROUNDINGS[spec.name] = spec
+    return spec
+
+
+def method(name: str) -> MethodSpec:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; use one of {', '.join(METHODS)}") from None
+
+
+def rounding(name: str) -> RoundingSpec:
+    try:
+        return ROUNDINGS[name]
+    except KeyError:
+        raise ValueError(f"unknown weight rounding {name!r}; use one of {', '.join(ROUNDINGS)}") from None
+
+
+def load(path: str) -> Callable:
+    """Import "package.module:function"."""
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+# ---- the registrations (the only place that lists the choices) -------------------------------------------------
+register_method(MethodSpec("duquant", "duquant.methods.duquant:build", True, 0.6,
+                           "smoothing + greedy block rotation + zigzag permutation + second rotation (the paper)"))
+register_method(MethodSpec("smoothquant", "duquant.methods.smoothquant:build", True, 0.5,
+                           "per-channel smoothing only (SmoothQuant)"))
+register_method(MethodSpec("hadamard", "duquant.methods.hadamard:build", False, None,
+                           "block Hadamard rotation, QuaRot-style, no smoothing"))
+register_method(MethodSpec("rtn", "duquant.methods.rtn:build", False, None, "no transform"))
+
+register_rounding(RoundingSpec("rtn", "duquant.rounding.rtn:round_weight", False,
+                               "round to nearest with a fixed clip"))
+register_rounding(RoundingSpec("gptq", "duquant.rounding.gptq:round_weight", True,
+                               "GPTQ: error-compensating rounding with the Hessian of the transformed inputs"))
