@@ -42,7 +42,8 @@ def compile_report(fn, signature: dict, constexprs: dict, num_warps: int = 4, ar
 
 
 def tile_kernel_report(block_tokens: int, nbp: int, num_warps: int, precision: str = "fp16", perm_mode: int = 0,
-                       hoist: bool = True, fp8: bool = False, two: bool = False, arch: int = 90) -> dict:
+                       hoist: bool = True, fp8: bool = False, two: bool = False, exact_div: bool = True,
+                       arch: int = 90) -> dict:
     """compile_report of ``triton_act_tile._tile_act_kernel`` with a DuQuant transform (smooth, R1, perm, R2)."""
     from duquant.kernels.triton_act_tile import PRECISIONS, _tile_act_kernel
 
@@ -53,6 +54,6 @@ def tile_kernel_report(block_tokens: int, nbp: int, num_warps: int, precision: s
            "codes_ptr": "*fp8e4nv" if fp8 else "*i8", "stride_cm": "i32", "scale_ptr": "*fp32", "zero_ptr": "*fp32",
            "rowsum_ptr": "*i32", "clip": "fp32", "last_block": "i32"}
     cons = dict(BR=block_tokens, NBP=nbp, BS=128, HAS_SMOOTH=True, HAS_R1=True, R1_TWO=two, HAS_PERM=True,
-                HAS_R2=True, R2_TWO=two, SYMMETRIC=False, DOT=dot, PERM_MODE=perm_mode, EXACT_DIV=True,
-                USE_LIBDEVICE=True, HOIST=hoist, SPLIT=False, FP8=fp8, ROUND_E4M3=False)
+                HAS_R2=True, R2_TWO=two, SYMMETRIC=False, DOT=dot, PERM_MODE=perm_mode, EXACT_DIV=exact_div,
+                USE_LIBDEVICE=True, HOIST=hoist, SPLIT=False, FP8=fp8, ROUND_E4M3=False, EVEN=not two)
     return compile_report(_tile_act_kernel, sig, cons, num_warps=num_warps, arch=arch)

@@ -93,6 +93,15 @@ def _to_rows(v, BR: tl.constexpr, NBP: tl.constexpr):
 
 
 @triton.jit
+def _masked(v, valid, other, EVEN: tl.constexpr):
+    if EVEN:
+        out = v
+    else:
+        out = tl.where(valid, v, other)
+    return out
+
+
+@triton.jit
 def _tile_act_kernel(
     x_ptr, stride_xm, M, K, num_tiles,
     inv_s_ptr, r1_ptr, r2_ptr, perm_ptr, scratch_ptr,
@@ -102,7 +111,7 @@ def _tile_act_kernel(
     HAS_SMOOTH: tl.constexpr, HAS_R1: tl.constexpr, R1_TWO: tl.constexpr, HAS_PERM: tl.constexpr,
     HAS_R2: tl.constexpr, R2_TWO: tl.constexpr, SYMMETRIC: tl.constexpr, DOT: tl.constexpr,
     PERM_MODE: tl.constexpr, EXACT_DIV: tl.constexpr, USE_LIBDEVICE: tl.constexpr, HOIST: tl.constexpr,
-    SPLIT: tl.constexpr, FP8: tl.constexpr, ROUND_E4M3: tl.constexpr,
+    SPLIT: tl.constexpr, FP8: tl.constexpr, ROUND_E4M3: tl.constexpr, EVEN: tl.constexpr,
 ):
     R: tl.constexpr = BR * NBP
     KP: tl.constexpr = NBP * BS
@@ -124,7 +133,10 @@ def _tile_act_kernel(
         tok_in_tile = r // NBP
         blk = r % NBP
         chan = blk[:, None] * BS + i[None, :]  # channel of tile element (r, i): input order and output order alike
-        valid = chan < K
+        if EVEN:  # K fills every block of the tile: no channel masks (fewer live [R, BS] tensors)
+            valid = tl.full((1, BS), 1, tl.int1)
+        else:
+            valid = chan < K
         is_last = blk == last_block
         if not HOIST:
             if HAS_R1:
@@ -173,7 +185,7 @@ def _tile_act_kernel(
         toks = tile * BR + tl.arange(0, BR)
         tm = toks < M
         if FP8:  # e4m3 codes, scale = absmax * clip / 448 per token (formats/fp8.py), no zero point, no code sum
-            amax = _per_token(tl.max(tl.where(valid, tl.abs(y), 0.0), axis=1), BR, NBP, 0)
+            amax = _per_token(tl.max(_masked(tl.abs(y), valid, 0.0, EVEN), axis=1), BR, NBP, 0)
             scale = tl.maximum(tl.div_rn(amax * clip, 448.0), 1e-12)
             v = tl.div_rn(y, _to_rows(scale, BR, NBP)[:, None])
             v = tl.minimum(tl.maximum(v, -448.0), 448.0)
@@ -186,12 +198,12 @@ def _tile_act_kernel(
             tl.store(scale_ptr + toks, scale, mask=tm)
         else:
             if SYMMETRIC:
-                amax = _per_token(tl.max(tl.where(valid, tl.abs(y), 0.0), axis=1), BR, NBP, 0)
+                amax = _per_token(tl.max(_masked(tl.abs(y), valid, 0.0, EVEN), axis=1), BR, NBP, 0)
                 scale = tl.div_rn(amax * clip, 127.0)
                 scale = tl.minimum(tl.maximum(scale, 1e-8), 1e8)
             else:
-                mn = _per_token(tl.min(tl.where(valid, y, float("inf")), axis=1), BR, NBP, 1) * clip
-                mx = _per_token(tl.max(tl.where(valid, y, float("-inf")), axis=1), BR, NBP, 0) * clip
+                mn = _per_token(tl.min(_masked(y, valid, float("inf"), EVEN), axis=1), BR, NBP, 1) * clip
+                mx = _per_token(tl.max(_masked(y, valid, float("-inf"), EVEN), axis=1), BR, NBP, 0) * clip
                 scale = tl.div_rn(mx - mn, 255.0)
                 scale = tl.minimum(tl.maximum(scale, 1e-8), 1e8)
                 zero = _rint(tl.div_rn(-mn, scale), USE_LIBDEVICE)
@@ -320,7 +332,7 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
         float(clip), int(plan.last_block),
         BR=br, NBP=nbp, BS=bs, SYMMETRIC=bool(symmetric), DOT=PRECISIONS[precision], PERM_MODE=pmode,
         EXACT_DIV=bool(exact_div), USE_LIBDEVICE=not _INTERPRET and libdevice is not None, HOIST=bool(hoist),
-        SPLIT=layout == "split", FP8=bool(fp8), ROUND_E4M3=_INTERPRET,
+        SPLIT=layout == "split", FP8=bool(fp8), ROUND_E4M3=_INTERPRET, EVEN=k == nbp * bs,
         num_warps=warps, **flags,
     )
     return codes, scale, zero, rowsum
