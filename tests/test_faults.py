@@ -8,7 +8,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,10 +25,51 @@ QUANTIZE = ["--preset", "llm", "--rotation-steps", "2", "--calib-steps", "1", "-
             "--block-size", "32", "--no-eval"]
 
 
-def run_quantize(packdir: Path, *extra: str) -> subprocess.Popen:
+# Runs `duquant quantize` (argv after the first three), and SIGKILLs itself at pack number K (1-based) of the
+# run, at a phase of the atomic write: "before" it starts, "half" (half the temp file written), "written" (temp
+# file complete, not yet renamed) or "after" the rename. A deterministic kill point, no timing involved.
+KILLER = """
+import os, signal, sys
+from pathlib import Path
+import duquant.packs as packs
+K, PHASE, count, atomic_write = int(sys.argv[1]), sys.argv[2], 0, packs._atomic_write
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def killing_write(path, write):
+    global count
+    if path.name == "manifest.json":
+        return atomic_write(path, write)
+    count += 1
+    if count != K:
+        return atomic_write(path, write)
+    if PHASE == "before":
+        die()
+
+    def write_and_die(tmp):
+        write(tmp)
+        if PHASE == "half":
+            data = Path(tmp).read_bytes()
+            Path(tmp).write_bytes(data[: len(data) // 2])
+        if PHASE in ("half", "written"):
+            die()
+
+    atomic_write(path, write_and_die)
+    die()
+
+packs._atomic_write = killing_write
+from duquant.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def run_quantize(packdir: Path, *extra: str, kill_at: tuple[int, str] | None = None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENPI_DUQUANT_")}
-    return subprocess.Popen([sys.executable, "-m", "duquant.cli", "quantize", *QUANTIZE, "--packdir", str(packdir),
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    args = ["quantize", *QUANTIZE, "--packdir", str(packdir), *extra]
+    cmd = ["-m", "duquant.cli", *args] if kill_at is None else ["-c", KILLER, str(kill_at[0]), kill_at[1], *args]
+    return subprocess.Popen([sys.executable, *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
 
 
 def packs(packdir: Path) -> dict[str, Path]:
@@ -54,23 +94,19 @@ def reference(tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_quantize_killed_while_writing_packs_resumes_to_the_same_model(tmp_path, reference, seed):
     rng = random.Random(seed)
-    kill_after = rng.randint(1, 20)  # packs on disk when the SIGKILL is sent (more may land before it arrives)
+    k, phase = rng.randint(1, 27), ("half", "written", "after")[seed % 3]
     packdir = tmp_path / "packs"
-    proc = run_quantize(packdir)
-    deadline = time.monotonic() + 240
-    while proc.poll() is None and time.monotonic() < deadline:
-        if packdir.is_dir() and len(packs(packdir)) >= kill_after:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.0005 * rng.random())
-    proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "quantize finished before the kill; the test did not test anything"
+    proc = run_quantize(packdir, kill_at=(k, phase))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, out
     on_disk = packs(packdir)
-    assert kill_after <= len(on_disk) < 28
-    for path in on_disk.values():  # no half-written pack under a pack's name (temp files are hidden)
+    assert len(on_disk) == (k if phase == "after" else k - 1)
+    temps = list(packdir.glob(".*.tmp"))
+    assert len(temps) == (1 if phase in ("half", "written") else 0)  # the interrupted write stays hidden
+    for path in on_disk.values():  # no half-written pack under a pack's name; checksums verified
         with safe_open(str(path), framework="pt") as f:
             layer = json.loads(f.metadata()["duquant"])["layer"]
-        PackStore(packdir).load(layer)  # checksums verified
+        PackStore(packdir).load(layer)
 
     resumed = run_quantize(packdir, "--out", str(tmp_path / "result.json"))
     out, _ = resumed.communicate(timeout=300)
