@@ -33,8 +33,14 @@ _SCRIPT = textwrap.dedent("""
         (128, 64, "hadamard", True, "natural", "fp16", "scratch", None),
         (128, 32, "smoothquant", False, "natural", "fp16", "gather", None),
         (70, 16, "rtn", False, "split", "ieee", "scratch", None),
+        (300, 16, "duquant", False, "split", "ieee", "chunk16", None),  # one token in chunks: 19 -> 2 x 16 blocks
+        (512, 16, "duquant", True, "natural", "fp16", "chunk16", None),
+        (512, 16, "hadamard", False, "natural", "ieee", "chunk32", None),
     ]
     for k, bs, method, sym, layout, prec, pmode, br in CASES:
+        chunk = 0
+        if pmode.startswith("chunk"):
+            chunk, pmode = int(pmode[5:]), None
         layer = random_group(k, [8], method=method, block_size=bs, act_symmetric=sym, seed=k + bs)[0]
         x = random_activations(19, k, seed=k)
         x[3] *= 1e-3  # tokens of very different magnitude share a tile (the fp16 per-token scaling)
@@ -47,7 +53,7 @@ _SCRIPT = textwrap.dedent("""
         poison = (torch.full((19, kc), 77, dtype=torch.int8), torch.full((19,), float("nan")),
                   None if sym else torch.full((19,), float("nan")), torch.full((19,), -7, dtype=torch.int32))
         codes, sx, zx, rs = act_quant_tile(x, plan, symmetric=sym, clip=0.9, layout=layout, precision=prec,
-                                           perm_mode=pmode, block_tokens=br, out=poison)
+                                           perm_mode=pmode, block_tokens=br, chunk_rows=chunk, out=poison)
         d = (codes.int() - ref.int()).abs()
         # ieee: float32 rotations, the spec's codes; fp16: operands rounded like tf32 -> rare +-1 (GPU: <= 2)
         max_d, max_rate, rtol = (0, 0.0, 1e-6) if prec == "ieee" else (1, 0.05, 2e-3)

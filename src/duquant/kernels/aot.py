@@ -43,7 +43,7 @@ def compile_report(fn, signature: dict, constexprs: dict, num_warps: int = 4, ar
 
 def tile_kernel_report(block_tokens: int, nbp: int, num_warps: int, precision: str = "fp16", perm_mode: int = 0,
                        hoist: bool = True, fp8: bool = False, two: bool = False, exact_div: bool = True,
-                       arch: int = 90) -> dict:
+                       arch: int = 90, **flags) -> dict:
     """compile_report of ``triton_act_tile._tile_act_kernel`` with a DuQuant transform (smooth, R1, perm, R2)."""
     from duquant.kernels.triton_act_tile import PRECISIONS, _tile_act_kernel
 
@@ -56,4 +56,26 @@ def tile_kernel_report(block_tokens: int, nbp: int, num_warps: int, precision: s
     cons = dict(BR=block_tokens, NBP=nbp, BS=128, HAS_SMOOTH=True, HAS_R1=True, R1_TWO=two, HAS_PERM=True,
                 HAS_R2=True, R2_TWO=two, SYMMETRIC=False, DOT=dot, PERM_MODE=perm_mode, EXACT_DIV=exact_div,
                 USE_LIBDEVICE=True, HOIST=hoist, SPLIT=False, FP8=fp8, ROUND_E4M3=False, EVEN=not two)
+    cons.update(flags)  # e.g. HAS_PERM=False: what one stage costs in registers
     return compile_report(_tile_act_kernel, sig, cons, num_warps=num_warps, arch=arch)
+
+
+def chunked_kernel_report(chunk_rows: int, nbp: int, num_warps: int = 4, precision: str = "fp16",
+                          fp8: bool = False, arch: int = 90, **flags) -> dict:
+    """compile_report of ``triton_act_tile._tile_act_chunked_kernel`` (one token in chunks), DuQuant transform."""
+    import triton.language as tl
+
+    from duquant.kernels.triton_act_tile import PRECISIONS, _tile_act_chunked_kernel
+
+    dot = PRECISIONS[precision]
+    op = {0: "fp32", 1: "fp32", 2: "bf16", 3: "fp16"}[dot]
+    sig = {"x_ptr": "*bf16", "stride_xm": "i32", "M": "i32", "K": "i32", "inv_s_ptr": "*fp32",
+           "r1_ptr": f"*{op}", "r2_ptr": f"*{op}", "perm_ptr": "*i16", "scratch_ptr": f"*{op}",
+           "codes_ptr": "*fp8e4nv" if fp8 else "*i8", "stride_cm": "i32", "scale_ptr": "*fp32", "zero_ptr": "*fp32",
+           "rowsum_ptr": "*i32", "clip": "fp32", "last_block": "i32"}
+    cons = dict(RC=chunk_rows, NBP=nbp, BS=128, HAS_SMOOTH=True, HAS_R1=True, R1_TWO=False, HAS_PERM=True,
+                HAS_R2=True, R2_TWO=False, SYMMETRIC=False, DOT=dot, EXACT_DIV=True, USE_LIBDEVICE=True, SPLIT=False,
+                FP8=fp8, ROUND_E4M3=False, EVEN=True,
+                OP_DTYPE={"fp16": tl.float16, "bf16": tl.bfloat16}.get(precision, tl.float32))
+    cons.update(flags)
+    return compile_report(_tile_act_chunked_kernel, sig, cons, num_warps=num_warps, arch=arch)

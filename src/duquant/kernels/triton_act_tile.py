@@ -230,6 +230,144 @@ def _tile_act_kernel(
             tl.store(rowsum_ptr + toks, _per_token(tl.sum(tl.where(smask, qi, 0), axis=1), BR, NBP, 2), mask=tm)
 
 
+# ---- one token at a time in row chunks (tokens wider than a register tile: K = 16384) ----------------------------
+
+@triton.jit
+def _chunk_index(c, z, RC: tl.constexpr, BS: tl.constexpr):
+    rows = c * RC + tl.arange(0, RC) + z  # the blocks of this chunk
+    return rows, rows[:, None] * BS + tl.arange(0, BS)[None, :]
+
+
+@triton.jit
+def _chunk_rotated(base, perm_ptr, c, z, f, b0, b1, last_block, RC: tl.constexpr, BS: tl.constexpr,
+                   HAS_PERM: tl.constexpr, HAS_R2: tl.constexpr, R2_TWO: tl.constexpr, DOT: tl.constexpr,
+                   PRESCALE: tl.constexpr):
+    """Output blocks c*RC.. of the token: gather the permuted channels from the scratch row, R2, unscale."""
+    rows, chan = _chunk_index(c, z, RC, BS)
+    if HAS_PERM:
+        y = tl.load(base + tl.load(perm_ptr + chan).to(tl.int32))
+    else:
+        y = tl.load(base + chan)
+    if HAS_R2:
+        y = _rotate(y, b0, b1, rows == last_block, R2_TWO, DOT)
+    y = y.to(tl.float32)
+    if PRESCALE:
+        y = y * (1.0 / f)
+    return y, chan
+
+
+@triton.jit
+def _tile_act_chunked_kernel(
+    x_ptr, stride_xm, M, K,
+    inv_s_ptr, r1_ptr, r2_ptr, perm_ptr, scratch_ptr,
+    codes_ptr, stride_cm, scale_ptr, zero_ptr, rowsum_ptr,
+    clip, last_block,
+    RC: tl.constexpr, NBP: tl.constexpr, BS: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, HAS_R1: tl.constexpr, R1_TWO: tl.constexpr, HAS_PERM: tl.constexpr,
+    HAS_R2: tl.constexpr, R2_TWO: tl.constexpr, SYMMETRIC: tl.constexpr, DOT: tl.constexpr,
+    EXACT_DIV: tl.constexpr, USE_LIBDEVICE: tl.constexpr, SPLIT: tl.constexpr, FP8: tl.constexpr,
+    ROUND_E4M3: tl.constexpr, EVEN: tl.constexpr, OP_DTYPE: tl.constexpr,
+):
+    """Persistent over tokens; each token in chunks of RC blocks, four passes so that only an [RC, BS] chunk is
+    ever in registers: (A) max |x/s| for the fp16 scaling, (B) smooth, R1, into the scratch row, (C) gather the
+    permutation, R2, token min / max, (D) the same again, quantize, store. x is read twice (the second time from
+    L1/L2), the scratch row is written once and gathered twice; every pass is the 128-row kernel's work split
+    into register-sized pieces (that kernel spills at K = 16384)."""
+    NCH: tl.constexpr = NBP // RC
+    KP: tl.constexpr = NBP * BS
+    PRESCALE: tl.constexpr = DOT == 3 and (HAS_R1 or HAS_R2)
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    if HAS_R1:
+        a0, a1 = _load_matrix(r1_ptr, BS, R1_TWO)
+    else:
+        a0, a1 = 0, 0
+    if HAS_R2:
+        b0, b1 = _load_matrix(r2_ptr, BS, R2_TWO)
+    else:
+        b0, b1 = 0, 0
+    base = scratch_ptr + pid.to(tl.int64) * KP
+    for tok in range(pid, M, nprog):
+        z = tok >> 30  # a zero the compiler cannot see through: index tensors stay inside the loops
+        xrow = x_ptr + tl.cast(tok, tl.int64) * stride_xm
+        f = 1.0
+        if PRESCALE:  # (A)
+            amax = 0.0
+            for c in range(NCH):
+                rows, chan = _chunk_index(c, z, RC, BS)
+                xv = tl.load(xrow + chan, mask=chan < K, other=0.0).to(tl.float32)
+                if HAS_SMOOTH:
+                    xv = xv * tl.load(inv_s_ptr + chan)
+                amax = tl.maximum(amax, tl.max(tl.max(tl.abs(xv), axis=1), axis=0))
+            f = tl.exp2(11.0 - tl.floor(tl.log2(tl.maximum(amax, 1e-30))))
+        tl.debug_barrier()  # the previous token's gathers are done before its scratch row is overwritten
+        for c in range(NCH):  # (B)
+            rows, chan = _chunk_index(c, z, RC, BS)
+            xv = tl.load(xrow + chan, mask=chan < K, other=0.0).to(tl.float32)
+            if HAS_SMOOTH:
+                xv = xv * tl.load(inv_s_ptr + chan)
+            if PRESCALE:
+                xv = xv * f
+            y = xv.to(OP_DTYPE)
+            if HAS_R1:
+                y = _rotate(y, a0, a1, rows == last_block, R1_TWO, DOT).to(OP_DTYPE)
+            tl.store(base + chan, y)
+        tl.debug_barrier()
+        mn = float("inf")
+        mx = float("-inf")
+        for c in range(NCH):  # (C)
+            y, chan = _chunk_rotated(base, perm_ptr, c, z, f, b0, b1, last_block, RC, BS, HAS_PERM, HAS_R2, R2_TWO,
+                                     DOT, PRESCALE)
+            if FP8 or SYMMETRIC:
+                mx = tl.maximum(mx, tl.max(tl.max(_masked(tl.abs(y), chan < K, 0.0, EVEN), axis=1), axis=0))
+            else:
+                mn = tl.minimum(mn, tl.min(tl.min(_masked(y, chan < K, float("inf"), EVEN), axis=1), axis=0))
+                mx = tl.maximum(mx, tl.max(tl.max(_masked(y, chan < K, float("-inf"), EVEN), axis=1), axis=0))
+        if FP8:
+            scale = tl.maximum(tl.div_rn(mx * clip, 448.0), 1e-12)
+        elif SYMMETRIC:
+            scale = tl.minimum(tl.maximum(tl.div_rn(mx * clip, 127.0), 1e-8), 1e8)
+        else:
+            mn = mn * clip
+            mx = mx * clip
+            scale = tl.minimum(tl.maximum(tl.div_rn(mx - mn, 255.0), 1e-8), 1e8)
+            zero = _rint(tl.div_rn(-mn, scale), USE_LIBDEVICE)
+        rsum = 0
+        for c in range(NCH):  # (D)
+            y, chan = _chunk_rotated(base, perm_ptr, c, z, f, b0, b1, last_block, RC, BS, HAS_PERM, HAS_R2, R2_TWO,
+                                     DOT, PRESCALE)
+            valid = chan < K
+            if FP8:
+                v = tl.minimum(tl.maximum(tl.div_rn(y, scale), -448.0), 448.0)
+                if ROUND_E4M3:
+                    e = tl.maximum(tl.floor(tl.log2(tl.maximum(tl.abs(v), 1e-30))), -6.0)
+                    step = tl.exp2(e - 3.0)
+                    v = _rint(v / step, USE_LIBDEVICE) * step
+                tl.store(codes_ptr + tl.cast(tok, tl.int64) * stride_cm + chan, v.to(tl.float8e4nv), mask=valid)
+            else:
+                if EXACT_DIV:
+                    v = tl.div_rn(y, scale)
+                else:
+                    v = y * tl.div_rn(1.0, scale)
+                q = _rint(v, USE_LIBDEVICE)
+                if SYMMETRIC:
+                    q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+                else:
+                    q = tl.minimum(tl.maximum(q + zero, 0.0), 255.0) - 128.0
+                qi = q.to(tl.int32)
+                if SPLIT:
+                    dest = (chan // 2) + (chan % 2) * ((K + 1) // 2)
+                else:
+                    dest = chan
+                tl.store(codes_ptr + tl.cast(tok, tl.int64) * stride_cm + dest, qi.to(tl.int8), mask=valid)
+                rsum += tl.sum(tl.sum(tl.where(valid, qi, 0), axis=1), axis=0)
+        tl.store(scale_ptr + tok, scale)
+        if not FP8:
+            if not SYMMETRIC:
+                tl.store(zero_ptr + tok, zero - 128.0)
+            tl.store(rowsum_ptr + tok, rsum)
+
+
 # ---- host side ----------------------------------------------------------------------------------------------------
 
 def _matrices(plan: ActPlan, name: str, precision: str) -> torch.Tensor | None:
@@ -265,13 +403,15 @@ def default_config(m: int, k: int, bs: int = 128) -> tuple[int, int, int]:
 def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, clip: float = 1.0,
                    layout: str = "natural", precision: str = "fp16", exact_div: bool = True,
                    block_tokens: int | None = None, num_warps: int | None = None, perm_mode: str | int | None = None,
-                   programs: int | None = None, hoist: bool = True, fp8: bool = False, out: tuple | None = None):
+                   programs: int | None = None, hoist: bool = True, fp8: bool = False, chunk_rows: int | None = None,
+                   out: tuple | None = None):
     """Same contract as ``triton_act.act_quant``: x [M, K] -> (codes int8 [M, Kc], scale f32 [M], zero f32 [M] |
     None, rowsum int32 [M]). ``out`` = preallocated (codes, scale, zero, rowsum) to write into (CUDA graphs,
     poisoned-output checks). ``programs``: persistent grid size (default 2 per multiprocessor); each program
     reads the two 32 KB matrices once when ``hoist``, which at K = 2048 is more L2 traffic than its tokens.
     ``fp8``: e4m3 codes [M, K] and scale = absmax * clip / 448 per token instead (zero and rowsum None; the
-    ``w8a8-fp8`` format), symmetric and layout ignored."""
+    ``w8a8-fp8`` format), symmetric and layout ignored. ``chunk_rows``: one token per program step in chunks of
+    that many blocks (``_tile_act_chunked_kernel``; default for tokens of more than 32 blocks, 0 = never)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} not in {list(PRECISIONS)}")
     if x.stride(-1) != 1:
@@ -302,11 +442,18 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
     if m == 0:
         return codes, scale, zero, rowsum
     br, warps, pmode = default_config(m, k, bs)
+    nbp = _next_pow2(-(-k // bs))
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(k, bs) if block_tokens is None and num_warps is None else 0
+    if chunk_rows:
+        warps = 8 if chunk_rows >= 32 else 4  # ptxas, sm_90: 250 registers, no spills (32 rows on 4 warps spill)
     br = block_tokens or br
     warps = num_warps or warps
     if perm_mode is not None:
         pmode = PERM_MODES[perm_mode] if isinstance(perm_mode, str) else int(perm_mode)
-    nbp = _next_pow2(-(-k // bs))
+    if chunk_rows:
+        return _launch_chunked(x, plan, codes, scale, zero, rowsum, symmetric, clip, layout, precision, exact_div,
+                               programs, fp8, int(chunk_rows), nbp, warps)
     if br * nbp < 16:
         raise ValueError(f"a tile needs >= 16 rows for tl.dot: BR={br} x {nbp} blocks")
     flags = dict(HAS_SMOOTH=plan.inv_smooth is not None, HAS_R1=plan.r1 is not None,
@@ -334,6 +481,47 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
         EXACT_DIV=bool(exact_div), USE_LIBDEVICE=not _INTERPRET and libdevice is not None, HOIST=bool(hoist),
         SPLIT=layout == "split", FP8=bool(fp8), ROUND_E4M3=_INTERPRET, EVEN=k == nbp * bs,
         num_warps=warps, **flags,
+    )
+    return codes, scale, zero, rowsum
+
+
+def default_chunk_rows(k: int, bs: int = 128) -> int:
+    """Blocks per chunk of the chunked kernel, or 0: tokens of more than 32 blocks (K = 16384: 128 rows, which
+    spill as one register tile) go in chunks of 32 rows on 4 warps."""
+    env = os.environ.get("DUQUANT_ACT_CHUNK")
+    if env is not None:
+        return int(env)
+    nbp = _next_pow2(-(-k // bs))
+    return 32 if nbp > 32 else 0
+
+
+def _launch_chunked(x, plan, codes, scale, zero, rowsum, symmetric, clip, layout, precision, exact_div, programs,
+                    fp8, chunk, nbp, warps):
+    m, k = x.shape
+    bs = plan.BS
+    if chunk < 16 or chunk > nbp or nbp % chunk:
+        raise ValueError(f"chunk_rows={chunk}: a power of two in [16, {nbp}]")
+    flags = dict(HAS_SMOOTH=plan.inv_smooth is not None, HAS_R1=plan.r1 is not None,
+                 R1_TWO=plan.r1 is not None and plan.r1.shape[0] == 2, HAS_PERM=plan.perm_fwd is not None,
+                 HAS_R2=plan.r2 is not None, R2_TWO=plan.r2 is not None and plan.r2.shape[0] == 2)
+    r1 = _matrices(plan, "r1", precision)
+    r2 = _matrices(plan, "r2", precision)
+    op = {"fp16": (torch.float16, tl.float16), "bf16": (torch.bfloat16, tl.bfloat16)}.get(
+        precision, (torch.float32, tl.float32))
+    nprog = min(m, programs or _max_programs(x.device))
+    scratch = torch.empty(nprog * nbp * bs, dtype=op[0], device=x.device)  # one token's rotated row per program
+    dummy = plan.dest_natural
+    tables = _tables(plan, nbp * bs)
+    _tile_act_chunked_kernel[(nprog,)](
+        x, x.stride(0), m, k,
+        tables["inv_s"] if flags["HAS_SMOOTH"] else dummy,
+        r1 if r1 is not None else dummy, r2 if r2 is not None else dummy,
+        tables["perm"] if flags["HAS_PERM"] else dummy, scratch,
+        codes, codes.stride(0), scale, zero if zero is not None else scale, rowsum if rowsum is not None else scale,
+        float(clip), int(plan.last_block),
+        RC=chunk, NBP=nbp, BS=bs, SYMMETRIC=bool(symmetric), DOT=PRECISIONS[precision], EXACT_DIV=bool(exact_div),
+        USE_LIBDEVICE=not _INTERPRET and libdevice is not None, SPLIT=layout == "split", FP8=bool(fp8),
+        ROUND_E4M3=_INTERPRET, EVEN=k == nbp * bs, OP_DTYPE=op[1], num_warps=warps, **flags,
     )
     return codes, scale, zero, rowsum
 
