@@ -239,13 +239,15 @@ _FP8_SCRIPT = textwrap.dedent("""
     from duquant.layers import DuQuantLinear
     from duquant.random_layers import random_activations, random_transform
 
-    for k, method, bs in [(256, "duquant", 64), (192, "rtn", 128), (128, "hadamard", 32)]:
+    for k, method, bs in [(256, "duquant", 64), (192, "rtn", 128), (128, "hadamard", 32), (500, "duquant", 16)]:
         t = random_transform(k, method, bs, seed=k)
         x = random_activations(19, k, seed=k)
         plan = build_act_plan(t, k, "cpu")
         rc, rs = fp8_quantize(t.apply(x), 0.9)
-        for prec in ("ieee", "fp16"):
-            codes, sx, z, r = act_quant_tile(x, plan, clip=0.9, fp8=True, precision=prec)
+        for prec, chunk in (("ieee", None), ("fp16", None), ("ieee", 16)):
+            if chunk and plan.KP // plan.BS < 2 * chunk:
+                continue  # the chunked kernel needs at least two chunks' worth of blocks here
+            codes, sx, z, r = act_quant_tile(x, plan, clip=0.9, fp8=True, precision=prec, chunk_rows=chunk)
             assert codes.dtype == torch.float8_e4m3fn and z is None and r is None
             # the interpreter flushes e4m3 subnormals (|code| < 2^-6) to zero, the GPU does not: compare normals
             normal = rc.float().abs() >= 2.0 ** -6
