@@ -35,7 +35,6 @@ _SCRIPT = textwrap.dedent("""
         (70, 16, "rtn", False, "split", "ieee", "scratch", None),
         (300, 16, "duquant", False, "split", "ieee", "chunk16", None),  # one token in chunks: 19 -> 2 x 16 blocks
         (512, 16, "duquant", True, "natural", "fp16", "chunk16", None),
-        (512, 16, "hadamard", False, "natural", "ieee", "chunk32", None),
     ]
     for k, bs, method, sym, layout, prec, pmode, br in CASES:
         chunk = 0
