@@ -194,8 +194,9 @@ class GpuLinearGroup(SharedInputGroup):
     share_storage: bool = True
     precision: str = field(default_factory=lambda: os.environ.get("DUQUANT_ACT_PRECISION", ""))
     variant: str | None = None
-    # activation kernel: "fused" (triton_act), "split" (triton_act, three launches), "tile" (triton_act_tile)
-    act_impl: str = field(default_factory=lambda: os.environ.get("DUQUANT_ACT_IMPL", "fused"))
+    # activation kernel: "tile" (triton_act_tile; default: 20 vs 28.5 us at 816x2048, 155 vs 321 us at 816x16384 on
+    # an H100, BENCHMARKS.md), "fused" (triton_act), "split" (triton_act, three launches)
+    act_impl: str = field(default_factory=lambda: os.environ.get("DUQUANT_ACT_IMPL", "tile"))
 
     def __post_init__(self):
         from duquant.kernels.triton_act import build_act_plan
