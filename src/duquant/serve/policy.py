@@ -266,7 +266,7 @@ class Preprocessor:
         """A request -> the model-format numpy dict (state normalised and padded, 224 uint8 images,
         tokens)."""
         if not isinstance(obs, dict):
-            raise TypeError(f"an observation must be a dict, got {type(obs).__name__}")
+            raise InputError(f"an observation must be a dict, got {type(obs).__name__}")
         t = self.transforms
         if t.robot == "libero":
             data = libero_inputs(obs, t.mask_padded_cameras)
