@@ -211,7 +211,7 @@ def test_quantized_policy_when_engine_present():
     pytest.importorskip("duquant.api")
     from duquant.config import DuQuantConfig
 
-    q = DuQuantConfig(preset="llm", rotation_steps=4, calib_steps=2)
+    q = DuQuantConfig(rotation_steps=4, calib_steps=2).with_preset("llm")  # DuQuantConfig(preset=) alone selects all
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:

@@ -147,7 +147,7 @@ def test_quantized_server_logs_calibration_and_warns_on_a_short_calibration_file
 
     cfg = build_policy("pi0-tiny", device="meta").config
     calib = save_observations(tmp_path / "calib.safetensors", make_synthetic_observation(cfg, 2, seed=1))
-    q = DuQuantConfig(preset="dit", rotation_steps=2, block_size=32, calib_steps=3, packdir=str(tmp_path / "p"))
+    q = DuQuantConfig(rotation_steps=2, block_size=32, calib_steps=3, packdir=str(tmp_path / "p")).with_preset("dit")
     lines: list[str] = []
     with caplog.at_level(logging.WARNING, logger="duquant.serve"):
         create_policy(PolicySpec(config="pi0-tiny", quantize=q, calib=str(calib), calib_batch_size=2), log=lines.append)
