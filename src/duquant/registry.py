@@ -77,13 +77,13 @@ def load(path: str) -> Callable:
 
 
 # ---- the registrations (the only place that lists the choices) -------------------------------------------------
-register_method(MethodSpec("duquant", "duquant.methods.duquant:build", True, 0.6,
-                           "smoothing + greedy block rotation + zigzag permutation + second rotation (the paper)"))
+register_method(MethodSpec("rtn", "duquant.methods.rtn:build", False, None, "no transform"))
 register_method(MethodSpec("smoothquant", "duquant.methods.smoothquant:build", True, 0.5,
                            "per-channel smoothing only (SmoothQuant)"))
 register_method(MethodSpec("hadamard", "duquant.methods.hadamard:build", False, None,
                            "block Hadamard rotation, QuaRot-style, no smoothing"))
-register_method(MethodSpec("rtn", "duquant.methods.rtn:build", False, None, "no transform"))
+register_method(MethodSpec("duquant", "duquant.methods.duquant:build", True, 0.6,
+                           "smoothing + greedy block rotation + zigzag permutation + second rotation (the paper)"))
 
 register_rounding(RoundingSpec("rtn", "duquant.rounding.rtn:round_weight", False,
                                "round to nearest with a fixed clip"))

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from duquant import __version__
+from duquant import __version__, registry
 from duquant.api import _set_module, quantize
 from duquant.calibration import ActivationRecorder, CalibrationResult, calibrate
 from duquant.config import PRESETS, DuQuantConfig
@@ -32,7 +32,13 @@ from duquant.quantizers import relative_error
 from duquant.selection import select_layers
 
 SCHEMA_VERSION = 1
-METHODS = ("rtn", "smoothquant", "hadamard", "duquant")
+METHODS = tuple(registry.METHODS)  # rtn, smoothquant, hadamard, duquant (duquant/registry.py)
+CALIBRATION_MODES = ("one-pass", "sequential")
+
+
+def variant_label(method: str, rounding: str = "rtn", calibration: str = "one-pass") -> str:
+    """A row's method with its options: "duquant", "duquant+gptq", "duquant+gptq+seq"."""
+    return method + ("" if rounding == "rtn" else f"+{rounding}") + ("+seq" if calibration == "sequential" else "")
 PARTS = ("llm", "dit", "vision", "full")
 
 
@@ -101,8 +107,17 @@ def run_rows(model: nn.Module, *, targets: Sequence[Target], methods: Sequence[s
              bits: Sequence[tuple[int, int]], calibrate_fn: Callable[[nn.Module], None], eval_inputs: list,
              forward: Callable[[nn.Module, Any, int], Any],
              base: DuQuantConfig | None = None, progress: bool = True, packdir: str | None = None,
-             layer_tokens: int = 256) -> tuple[list[dict], dict]:
-    """The measurement loop shared by the pi0 report and report_model."""
+             layer_tokens: int = 256, roundings: Sequence[str] = ("rtn",),
+             calibrations: Sequence[str] = ("one-pass",)) -> tuple[list[dict], dict]:
+    """The measurement loop shared by the pi0 report and report_model: bits x parts x methods x weight roundings x
+    calibration modes, every row from the same float model and the same calibration data. One-pass rows share
+    one recorded calibration (and the transforms built from it, across bit widths and parts); sequential rows
+    rerun `calibrate_fn` block by block (its first pass is the shared one)."""
+    for mode in calibrations:
+        if mode not in CALIBRATION_MODES:
+            raise ValueError(f"unknown calibration mode {mode!r}; use {' or '.join(CALIBRATION_MODES)}")
+    for r in roundings:
+        registry.rounding(r)
     from tqdm.auto import tqdm
 
     base = base or DuQuantConfig()
@@ -120,7 +135,9 @@ def run_rows(model: nn.Module, *, targets: Sequence[Target], methods: Sequence[s
         configs[t.name] = cfg
         union.update(sel.modules)
     union = {n: union[n] for n, _ in model.named_modules() if n in union}
-    calib: CalibrationResult = calibrate(model, union, calibrate_fn, max_tokens=base.calib_tokens, seed=base.seed)
+    gptq = any(registry.rounding(r).needs_activations for r in roundings)
+    calib: CalibrationResult = calibrate(model, union, calibrate_fn, max_tokens=base.calib_tokens, seed=base.seed,
+                                         hessian=gptq)
     with ActivationRecorder(union, max_tokens=layer_tokens, seed=base.seed + 99) as rec, torch.no_grad():
         for i, x in enumerate(eval_inputs):
             forward(model, x, i)
@@ -128,17 +145,24 @@ def run_rows(model: nn.Module, *, targets: Sequence[Target], methods: Sequence[s
     setup_seconds = time.perf_counter() - t0
 
     rows = []
-    runs = [(b, t, m) for b in bits for t in targets for m in methods]
+    transforms: dict = {}  # built transforms, shared by the one-pass rows (they do not depend on the bits)
+    runs = [(b, t, m, r, c) for b in bits for t in targets for m in methods for r in roundings for c in calibrations]
     bar = tqdm(runs, desc="report", disable=not progress)
-    for (wbits, abits), target, method in bar:
-        bar.set_postfix_str(f"w{wbits}a{abits} {target.name} {method}")
-        cfg = configs[target.name].replace(method=method, wbits=wbits, abits=abits, packdir=None)
+    for (wbits, abits), target, method, rounding, mode in bar:
+        label = variant_label(method, rounding, mode)
+        bar.set_postfix_str(f"w{wbits}a{abits} {target.name} {label}")
+        sequential = mode == "sequential"
+        cfg = configs[target.name].replace(method=method, wbits=wbits, abits=abits, packdir=None,
+                                           weight_rounding=rounding, sequential=sequential)
         if packdir:
-            cfg = cfg.replace(packdir=str(Path(packdir) / f"{target.name}-{method}-w{wbits}a{abits}"))
+            cfg = cfg.replace(packdir=str(Path(packdir) / f"{target.name}-{label}-w{wbits}a{abits}"))
         sel = select_layers(model, cfg)
         originals = dict(sel.modules)
         try:
-            rep = quantize(model, cfg, calibration=calib, progress=False, verbose=False)
+            t_run = time.perf_counter()
+            rep = quantize(model, cfg, calibrate=calibrate_fn if sequential else None, calibration=calib,
+                           progress=False, verbose=False, transforms=transforms)
+            run_seconds = time.perf_counter() - t_run
             with torch.no_grad():
                 outs = [forward(model, x, i).float().cpu() for i, x in enumerate(eval_inputs)]
             lerr = layer_errors(model, originals, held_out)
@@ -151,14 +175,16 @@ def run_rows(model: nn.Module, *, targets: Sequence[Target], methods: Sequence[s
         before = sum(_linear_bytes(m) for m in originals.values())
         after = rep.bytes_after
         rows.append({
-            "part": target.name, "method": method, "bits": f"w{wbits}a{abits if abits not in (0, 16) else 16}",
+            "part": target.name, "method": method, "weight_rounding": rounding, "calibration": mode,
+            "label": label, "bits": f"w{wbits}a{abits if abits not in (0, 16) else 16}",
             "wbits": wbits, "abits": abits, "num_layers": len(rep.layers),
             "action_rel_mse": rel_mse, "action_max_abs": float((pred - ref).abs().max()),
             "layer_rel_err_mean": float(sum(lerr.values()) / max(1, len(lerr))),
             "layer_rel_err_max": float(max(lerr.values(), default=0.0)),
             "worst_layers": [{"name": n, "rel_err": e} for n, e in worst],
             "weight_bytes_before": before, "weight_bytes_after": after,
-            "calib_seconds": calib.seconds, "quant_seconds": rep.quantization_seconds,
+            "calib_seconds": rep.calibration_seconds if sequential else calib.seconds,
+            "quant_seconds": run_seconds,
             "packs_reused": rep.pack_hits, "packs_computed": rep.pack_misses,
             "transform_kinds": sorted({r.transform_kind for r in rep.layers}),
         })
@@ -169,7 +195,8 @@ def run_rows(model: nn.Module, *, targets: Sequence[Target], methods: Sequence[s
 def report_model(model: nn.Module, make_inputs: Callable[[int], Any], forward: Callable[[nn.Module, Any], Any], *,
                  targets: Sequence[Target] | None = None, methods: Sequence[str] = METHODS,
                  bits: Sequence[tuple[int, int]] = ((4, 8),), calib_batches: int = 8, eval_batches: int = 4,
-                 base: DuQuantConfig | None = None, progress: bool = False) -> dict:
+                 base: DuQuantConfig | None = None, progress: bool = False, roundings: Sequence[str] = ("rtn",),
+                 calibrations: Sequence[str] = ("one-pass",)) -> dict:
     """Layer-error and output-error report for any nn.Module built from nn.Linear.
 
     `make_inputs(i)` returns the i-th batch (calibration uses 0..calib_batches-1, evaluation the next ones);
@@ -185,7 +212,8 @@ def report_model(model: nn.Module, make_inputs: Callable[[int], Any], forward: C
 
     rows, info = run_rows(model, targets=targets or [Target("all")], methods=methods, bits=bits,
                           calibrate_fn=calibrate_fn, eval_inputs=eval_inputs,
-                          forward=lambda m, x, i: _as_tensor(forward(m, x)), base=base, progress=progress)
+                          forward=lambda m, x, i: _as_tensor(forward(m, x)), base=base, progress=progress,
+                          roundings=roundings, calibrations=calibrations)
     bytes_total = _param_bytes(model)
     for r in rows:
         r["model_bytes_before"] = bytes_total
@@ -236,7 +264,14 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts of {list(PARTS)}")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated methods of {list(METHODS)}")
     p.add_argument("--bits", default="w4a8", help="comma-separated settings, e.g. w4a8,w4a4,w8a8 (default w4a8)")
+    p.add_argument("--weight-roundings", default="rtn",
+                   help=f"comma-separated weight roundings of {list(registry.ROUNDINGS)} (default rtn)")
+    p.add_argument("--calibrations", default="one-pass",
+                   help="comma-separated calibration modes: one-pass, sequential (default one-pass)")
     p.add_argument("--calib", help="calibration observations (.safetensors/.npz; see docs/report.md)")
+    p.add_argument("--text", help="transformers checkpoint: text file scored by perplexity (causal LM) or "
+                   "split into sentences (encoder: embedding cosine); see docs/report.md")
+    p.add_argument("--seq-len", type=int, default=256, help="transformers causal LM: tokens per window (256)")
     p.add_argument("--eval-obs", help="held-out observations for the action error (default: synthetic)")
     p.add_argument("--calib-batches", type=int, default=8)
     p.add_argument("--eval-batches", type=int, default=4)
@@ -251,10 +286,28 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def parse_variants(args) -> tuple[list[str], list[str]]:
+    """--weight-roundings and --calibrations as lists, checked against the registry."""
+    roundings = [s.strip() for s in args.weight_roundings.split(",") if s.strip()]
+    for r in roundings:
+        registry.rounding(r)
+    modes = [s.strip() for s in args.calibrations.split(",") if s.strip()]
+    for m in modes:
+        if m not in CALIBRATION_MODES:
+            raise ValueError(f"unknown calibration mode {m!r}; use a comma-separated list of {list(CALIBRATION_MODES)}")
+    return roundings or ["rtn"], modes or ["one-pass"]
+
+
 def run_report_cli(args) -> int:
     from duquant import workflows as wf
 
+    if args.checkpoint and Path(args.checkpoint, "config.json").is_file():
+        from duquant import real_models
+
+        if real_models.is_transformers_checkpoint(args.checkpoint):
+            return real_models.run_report_cli(args)
     t_start = time.perf_counter()
+    roundings, modes = parse_variants(args)
     parts = [s for s in args.parts.split(",") if s]
     for part in parts:
         if part not in PRESETS:
@@ -293,7 +346,7 @@ def run_report_cli(args) -> int:
     rows, info = run_rows(model, targets=targets, methods=methods, bits=bits,
                           calibrate_fn=wf.calibration_fn(calib_obs, progress=not args.quiet),
                           eval_inputs=eval_obs, forward=forward, base=base, progress=not args.quiet,
-                          packdir=args.packdir)
+                          packdir=args.packdir, roundings=roundings, calibrations=modes)
     model_bytes = _param_bytes(model)
     for r in rows:
         r["model_bytes_before"] = model_bytes
@@ -345,7 +398,7 @@ def to_markdown(doc: dict) -> str:
     for r in doc["rows"]:
         mark = "**" if best[(r["part"], r["bits"])] is r else ""
         lines.append(
-            f"| {r['part']} | {mark}{r['method']}{mark} | {r['bits']} | {r['num_layers']} | "
+            f"| {r['part']} | {mark}{r.get('label', r['method'])}{mark} | {r['bits']} | {r['num_layers']} | "
             f"{mark}{r['action_rel_mse']:.3e}{mark} | {r['action_max_abs']:.3e} | {r['layer_rel_err_mean']:.3e} | "
             f"{r['layer_rel_err_max']:.3e} | {_mib(r['weight_bytes_before'])} → {_mib(r['weight_bytes_after'])} | "
             f"{_mib(r['model_bytes_before'])} → {_mib(r['model_bytes_after'])} | {r['quant_seconds']:.2f} | "
@@ -362,7 +415,7 @@ def to_markdown(doc: dict) -> str:
     for r in doc["rows"]:
         if r["method"] != "duquant":
             continue
-        lines.append(f"**{r['part']} / duquant / {r['bits']}**: " + ", ".join(
+        lines.append(f"**{r['part']} / {r.get('label', 'duquant')} / {r['bits']}**: " + ", ".join(
             f"`{w['name']}` {w['rel_err']:.2e}" for w in r["worst_layers"][:10]))
         lines.append("")
     t = doc["timing"]
@@ -380,14 +433,15 @@ def plot_action_error(doc: dict, path: Path) -> None:
     rows = doc["rows"]
     bits_list = sorted({r["bits"] for r in rows})
     parts = list(dict.fromkeys(r["part"] for r in rows))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = list(dict.fromkeys(r.get("label", r["method"]) for r in rows))
     fig, axes = plt.subplots(1, len(bits_list), figsize=(4 + 3 * len(parts), 4), squeeze=False)
     width = 0.8 / max(1, len(methods))
     for ax, bits in zip(axes[0], bits_list):
         for j, method in enumerate(methods):
             vals = []
             for part in parts:
-                match = [r for r in rows if r["bits"] == bits and r["part"] == part and r["method"] == method]
+                match = [r for r in rows if r["bits"] == bits and r["part"] == part
+                         and r.get("label", r["method"]) == method]
                 vals.append(match[0]["action_rel_mse"] if match else float("nan"))
             xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(parts))]
             ax.bar(xs, vals, width, label=method)
@@ -425,7 +479,8 @@ def print_table(doc: dict) -> None:
                 "model MiB", "quant s"):
         table.add_column(col, justify="right" if col not in ("part", "method", "bits") else "left")
     for r in doc["rows"]:
-        table.add_row(r["part"], r["method"], r["bits"], str(r["num_layers"]), f"{r['action_rel_mse']:.3e}",
+        table.add_row(r["part"], r.get("label", r["method"]), r["bits"], str(r["num_layers"]),
+                      f"{r['action_rel_mse']:.3e}",
                       f"{r['action_max_abs']:.3e}", f"{r['layer_rel_err_mean']:.2e}",
                       f"{_mib(r['weight_bytes_before'])}→{_mib(r['weight_bytes_after'])}",
                       f"{_mib(r['model_bytes_before'])}→{_mib(r['model_bytes_after'])}", f"{r['quant_seconds']:.2f}")
