@@ -8,7 +8,7 @@
 
 Every row quantizes the same float model in place and puts it back, as the pi0 report does. The Linear layers
 inside numbered blocks (``layers.N.``, ``layer.N.``, ``h.N.``, ``blocks.N.``) are quantized; embeddings, norms and
-the head stay in float. Needs ``transformers`` (the ``real`` extra).
+the head stay in float. Needs ``transformers`` (the ``hf`` extra).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype: torch.dtype = 
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     except ImportError as err:
         raise ImportError("a transformers checkpoint needs the transformers package: "
-                          "pip install 'duquant[real]'") from err
+                          "pip install 'duquant[hf]'") from err
     cfg = json.loads((Path(path) / "config.json").read_text())
     causal = any(a.endswith("ForCausalLM") for a in cfg.get("architectures") or [])
     cls = AutoModelForCausalLM if causal else AutoModel
