@@ -27,7 +27,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel_bench import env_info, quantize_synthetic  # noqa: E402
+from kernel_bench import env_info, median_event_ms, quantize_synthetic  # noqa: E402
 
 from duquant.models import build_policy, gemma, make_synthetic_observation, pi0, siglip  # noqa: E402
 from duquant.runtime import CapturedPolicy, compile_blocks, fuse_projections  # noqa: E402
@@ -118,15 +118,7 @@ def fast_category(kernel_name: str) -> str:
 def graph_ms(model, obs, noise, iters: int = 20) -> float:
     captured = CapturedPolicy(model, obs)  # raises when capture fails: nothing else is timed
     captured.static_noise.copy_(noise)
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        captured.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+    return median_event_ms(captured.replay, iters)
 
 
 def main() -> int:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel_bench import env_info, quantize_synthetic  # noqa: E402
+from kernel_bench import env_info, median_event_ms, quantize_synthetic  # noqa: E402
 
 from duquant.models import build_policy, make_synthetic_observation  # noqa: E402
 from duquant.runtime import CapturedPolicy, compile_blocks, fuse_projections  # noqa: E402
@@ -39,19 +39,6 @@ VARIANTS = {
     "w8a8 llm+vision fast": (("llm", "vision"), 8, True),
 }
 TOLERANCE = {"bf16": 0.05, "quant": 0.5}  # relative L2 error of actions vs the plain eager model (see docs/gpu.md)
-
-
-def time_replays(captured: CapturedPolicy, iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        captured.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def model_bytes(model) -> int:
@@ -107,7 +94,7 @@ def run(models, batches, variants, iters: int, out: Path) -> int:
                 tol = TOLERANCE["quant" if parts else "bf16"]
                 if not err <= tol:
                     failures.append(f"{name} b{batch} {vname}: actions differ from the plain eager model by {err:.3g}")
-                ms = time_replays(captured, iters)
+                ms = median_event_ms(captured.replay, iters)
                 peak = (torch.cuda.max_memory_allocated() - held) / 1e9
                 row = {"model": name, "batch": batch, "variant": vname, "ms": round(ms, 3),
                        "rel err vs eager": float(f"{err:.3g}"), "quantize s": round(quant_s, 1),

@@ -24,6 +24,9 @@ import traceback
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernel_bench  # noqa: E402
 from torch import nn
 
 T0 = time.time()
@@ -38,29 +41,8 @@ SHAPES = [
 
 
 def time_graph(fn, calls: int = 20, iters: int = 15) -> float:
-    """Median µs per call of fn, from replays of one CUDA graph of `calls` calls (captured after a warm-up)."""
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000.0 / calls)
-    times.sort()
-    return times[len(times) // 2]
+    """Median µs per call of fn, from replays of one CUDA graph holding `calls` calls."""
+    return kernel_bench.time_graph(fn, iters=iters, calls=calls)
 
 
 def poison_allocator(nbytes: int) -> None:

@@ -81,8 +81,23 @@ def timeit(fn, reps: int = 20, flush: bool = True) -> float:
     return t / reps
 
 
-def time_graph(fn, iters: int = 20) -> float:
-    """Median µs of one replay of a CUDA graph of fn (captured after a warm-up call)."""
+def median_event_ms(step, iters: int = 20) -> float:
+    """Median ms of `step()` (e.g. one graph replay) between two CUDA events."""
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def time_graph(fn, iters: int = 20, calls: int = 1) -> float:
+    """Median µs per call of fn, from replays of one CUDA graph holding `calls` calls (captured after a warm-up
+    on a side stream)."""
     torch.cuda.synchronize()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -91,19 +106,11 @@ def time_graph(fn, iters: int = 20) -> float:
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        fn()
+        for _ in range(calls):
+            fn()
     g.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000.0)
-    times.sort()
-    return times[len(times) // 2]
+    return median_event_ms(g.replay, iters) * 1000.0 / calls
 
 
 def write(out_dir: str | Path, name: str, data: dict, md: str) -> None:

@@ -18,6 +18,7 @@ from duquant.formats.fp8 import E4M3_MAX
 from duquant.layers import DuQuantLinear
 from duquant.quantizers import fake_quantize_activation
 from duquant.random_layers import random_activations, random_layer
+from triton_interpreter import PREAMBLE
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "duquant"
 CUDA = torch.cuda.is_available()
@@ -170,17 +171,7 @@ def test_gpu_backend_refuses_clearly_without_cuda():
 
 # ---- w4a16 kernel under the Triton interpreter ------------------------------------------------------------------
 
-_W4A16_SCRIPT = textwrap.dedent("""
-    import os, torch
-    os.environ["TRITON_INTERPRET"] = "1"
-    import triton.runtime.interpreter as interp
-    _orig = interp._patch_lang_tensor
-
-    def _patched(tensor, scope):  # numpy >= 2.4 refuses int() of a 1-element array (loop bounds)
-        _orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interp._patch_lang_tensor = _patched
+_W4A16_SCRIPT = PREAMBLE + textwrap.dedent("""
     from duquant.kernels.triton_w4a16 import w4a16_gemm, w4a16_weight
     from duquant.quantizers import quantize_weight
 

@@ -12,6 +12,7 @@ import torch
 from duquant.kernels import gpu_available, reference
 from duquant.quantizers import fake_quantize_activation
 from duquant.random_layers import random_activations, random_group, random_layer
+from triton_interpreter import PREAMBLE
 
 CUDA = torch.cuda.is_available()
 
@@ -76,17 +77,7 @@ def test_group_layers_share_transform():
 
 # ---- Triton interpreter (CPU) -------------------------------------------------------------------------------------
 
-_INTERP_SCRIPT = textwrap.dedent("""
-    import os, torch
-    os.environ["TRITON_INTERPRET"] = "1"
-    import triton.runtime.interpreter as interp
-    _orig = interp._patch_lang_tensor
-
-    def _patched(tensor, scope):  # numpy >= 2.4 refuses int() of a 1-element array (loop bounds)
-        _orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interp._patch_lang_tensor = _patched
+_INTERP_SCRIPT = PREAMBLE + textwrap.dedent("""
     from duquant.kernels import reference
     from duquant.random_layers import random_group, random_activations
     from duquant.kernels.triton_act import act_quant, build_act_plan

@@ -8,17 +8,9 @@ import textwrap
 
 import pytest
 
-_SCRIPT = textwrap.dedent("""
-    import os, torch
-    os.environ["TRITON_INTERPRET"] = "1"
-    import triton.runtime.interpreter as interp
-    _orig = interp._patch_lang_tensor
+from triton_interpreter import PREAMBLE
 
-    def _patched(tensor, scope):  # numpy >= 2.4 refuses int() of a 1-element array (loop bounds)
-        _orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interp._patch_lang_tensor = _patched
+_SCRIPT = PREAMBLE + textwrap.dedent("""
     from duquant.kernels import reference
     from duquant.random_layers import random_activations, random_group
     from duquant.kernels.triton_act import build_act_plan
