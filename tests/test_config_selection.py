@@ -165,3 +165,16 @@ def test_config_roundtrip_and_hash():
 def test_parse_env_ignores_other_variables():
     assert parse_env({"PATH": "/bin", "OPENPI_OTHER": "1"}) == {}
     assert torch.tensor(1)  # keeps torch import used by the fixtures' modules
+
+
+def test_preset_given_in_python_selects_the_preset():
+    """DuQuantConfig(preset=...) selects what --preset selects (it once selected every layer)."""
+    from duquant.config import DuQuantConfig as Config
+    from duquant.models import build_policy
+    from duquant.selection import select_layers
+
+    model = build_policy("pi0", device="meta")
+    for preset, count in (("llm", 126), ("dit", 126), ("vision", 162)):
+        assert len(select_layers(model, Config(preset=preset))) == count
+    explicit = Config(preset="llm", scope="paligemma_with_expert.gemma_expert.model.")
+    assert explicit.scope == "paligemma_with_expert.gemma_expert.model."  # an explicit scope wins

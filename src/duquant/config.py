@@ -138,6 +138,12 @@ class DuQuantConfig:
         if self.preset is not None and self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}"
                               f" (OPENPI_DUQUANT_PRESET / --preset)")
+        if self.preset is not None and self.scope == "" and self.include == DEFAULT_INCLUDE:
+            # DuQuantConfig(preset="llm") means the preset's layers, as --preset does; an explicit scope or include
+            # wins over the preset's, as in from_sources.
+            p = PRESETS[self.preset]
+            object.__setattr__(self, "scope", p.scope)
+            object.__setattr__(self, "include", p.include)
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {list(METHODS)} (--method)")
         if self.weight_rounding not in WEIGHT_ROUNDINGS:
