@@ -209,6 +209,9 @@ class DuQuantConfig:
     def weight_clip(self, bits: int) -> float:
         if self.w_clip is not None:
             return self.w_clip
+        default = registry.rounding(self.weight_rounding).default_w_clip
+        if default is not None:
+            return default
         return 0.8 if bits <= 4 else 1.0
 
     @property

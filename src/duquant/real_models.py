@@ -115,7 +115,7 @@ def embeddings(model: nn.Module, batches: list[dict]) -> torch.Tensor:
 
 def run_rows(model: nn.Module, tokenizer, kind: str, text: str, *, methods, bits, roundings, calibrations,
              seq_len: int = 256, calib_batches: int = 8, eval_batches: int = 8, batch_size: int = 16,
-             base: DuQuantConfig | None = None, progress: bool = True) -> tuple[list[dict], dict]:
+             base: DuQuantConfig | None = None, progress: bool = True, on_row=None) -> tuple[list[dict], dict]:
     from tqdm.auto import tqdm
 
     base = (base or DuQuantConfig()).replace(scope="", include=BLOCK_LINEARS, preset=None)
@@ -187,6 +187,8 @@ def run_rows(model: nn.Module, tokenizer, kind: str, text: str, *, methods, bits
                      "label": variant_label(method, rounding, mode), "bits": f"w{wbits}a{abits}", "wbits": wbits,
                      "abits": abits, "num_layers": len(rep.layers), metric: score, **extra,
                      "quant_seconds": round(quant_s, 2)})
+        if on_row is not None:  # e.g. print each row as it comes (a real model takes minutes per row on a CPU)
+            on_row(rows[-1], float_score)
     info = {"metric": metric, "float": float_score, "setup_seconds": round(setup, 2),
             "calibrated_layers": len(sel), "calib_batches": len(calib_data), "eval_batches": len(eval_data),
             "seq_len": seq_len if kind == "causal-lm" else None}
