@@ -123,6 +123,12 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_report(args) -> int:
+    # A transformers checkpoint gets the real-model report (perplexity / embedding cosine); pi0 the policy report.
+    if args.checkpoint and Path(args.checkpoint, "config.json").is_file():
+        from duquant import real_models
+
+        if real_models.is_transformers_checkpoint(args.checkpoint):
+            return real_models.run_report_cli(args)
     from duquant.report import run_report_cli
 
     return run_report_cli(args)

@@ -301,11 +301,6 @@ def parse_variants(args) -> tuple[list[str], list[str]]:
 def run_report_cli(args) -> int:
     from duquant import workflows as wf
 
-    if args.checkpoint and Path(args.checkpoint, "config.json").is_file():
-        from duquant import real_models
-
-        if real_models.is_transformers_checkpoint(args.checkpoint):
-            return real_models.run_report_cli(args)
     t_start = time.perf_counter()
     roundings, modes = parse_variants(args)
     parts = [s for s in args.parts.split(",") if s]
