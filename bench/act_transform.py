@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -377,19 +376,8 @@ def main() -> int:
                             "best x floor", "target", "met", "tile best"])
           + "\n## Every variant\n\n"
           + table(rows, ["M", "K", "variant", "us", "x floor", "max |dcode|", "codes differing", "scale rel", "ok"]))
-    if failures:
-        md += "\n## FAILED CHECKS\n\n" + "\n".join(f"- {f}" for f in failures) + "\n"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "act_transform.json").write_text(json.dumps({"env": env, "summary": summary, "rows": rows,
-                                                        "failures": failures}, indent=1))
-    (out / "act_transform.md").write_text(md)
-    print(md)
-    if failures:
-        print(f"{len(failures)} correctness check(s) FAILED", file=sys.stderr)
-        return 1
-    return 0
-
+    return kernel_bench.finish(args.out, "act_transform", {"env": env, "summary": summary, "rows": rows}, md,
+                               failures)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -173,18 +172,7 @@ def main() -> int:
     md = (f"Formats per linear layer, {env['gpu']}, torch {env['torch']}, triton {env['triton']}, {env['date']}. "
           "µs per call (CUDA-graph replays, input L2-hot), activation quantization included; vs bf16 = bf16 "
           "cuBLAS time / format time.\n\n" + "\n".join(lines) + "\n")
-    if failures:
-        md += "\n## FAILED\n\n" + "\n".join(f"- {f}" for f in failures) + "\n"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "formats.json").write_text(json.dumps({"env": env, "rows": rows, "failures": failures}, indent=1))
-    (out / "formats.md").write_text(md)
-    print(md)
-    if failures:
-        print(f"{len(failures)} check(s) FAILED", file=sys.stderr)
-        return 1
-    return 0
-
+    return kernel_bench.finish(args.out, "formats", {"env": env, "rows": rows}, md, failures)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -118,6 +119,18 @@ def write(out_dir: str | Path, name: str, data: dict, md: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(data, indent=1))
     (out / f"{name}.md").write_text(md)
+
+
+def finish(out_dir: str | Path, name: str, data: dict, md: str, failures: list[str]) -> int:
+    """Write <name>.json / .md (failed checks listed in both), print the Markdown; 1 if any check failed."""
+    if failures:
+        md += "\n## FAILED CHECKS\n\n" + "\n".join(f"- {f}" for f in failures) + "\n"
+    write(out_dir, name, {**data, "failures": failures}, md)
+    print(md)
+    if failures:
+        print(f"{len(failures)} correctness check(s) FAILED", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _table(rows: list[dict], cols: list[str]) -> str:
