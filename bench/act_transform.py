@@ -16,9 +16,7 @@ activation shapes: the block-tile kernel (kernels/triton_act_tile.py) against to
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import sys
 import time
 import traceback
@@ -343,13 +341,7 @@ def main() -> int:
             print("act_transform: --device cpu needs TRITON_INTERPRET=1", file=sys.stderr)
             return 2
         _patch_interpreter()
-    elif not torch.cuda.is_available():
-        print("act_transform: no CUDA device; this benchmark measures GPU kernels", file=sys.stderr)
-        return 2
-    try:
-        import triton
-    except ImportError:
-        print("act_transform: triton is not installed", file=sys.stderr)
+    elif kernel_bench.cannot_run("act_transform"):
         return 2
     from duquant.random_layers import random_transform
 
@@ -365,10 +357,9 @@ def main() -> int:
             transforms[k] = random_transform(k, "duquant", 128, seed=k, steps=4)
         rows += run_shape(m, k, transforms[k], bw, args, failures)
     summary = summarize(rows)
-    gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter, no timing)"
-    env = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
-           "cuda": torch.version.cuda, "python": platform.python_version(), "copy GB/s": bw,
-           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    env = {**kernel_bench.env_info(), "copy GB/s": bw}
+    if args.device == "cpu":
+        env["gpu"] = "cpu (interpreter, no timing)"
     md = (f"DuQuant activation transform, {env['gpu']}, torch {env['torch']}, triton {env['triton']}, {env['date']}. "
           f"Copy bandwidth {bw:.0f} GB/s; floor = (2 B + 1 B per element + 12 B per token) at that bandwidth. "
           "µs per call, CUDA-graph replays, input L2-hot.\n\n"

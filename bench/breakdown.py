@@ -167,7 +167,6 @@ def main() -> int:
         del base
         torch.cuda.empty_cache()
     info = env_info()
-    info["commit"] = os.environ.get("DUQUANT_COMMIT", "unknown")
     md = [f"One `sample_actions` (10 steps, batch {a.batch}), {info['gpu']}, torch {info['torch']}, commit "
           f"{info['commit']}, {info['date']}. Kernel time by category in the plain model (eager, profiled), "
           "idle = plain whole-call graph replay minus kernel time.", ""]

@@ -121,7 +121,6 @@ def run(models, batches, variants, iters: int, out: Path) -> int:
         r["vs bf16 plain"] = round(plain["ms"] / r["ms"], 3) if plain else None
         r["vs bf16 fast"] = round(fast["ms"] / r["ms"], 3) if fast else None
     info = env_info()
-    info["commit"] = os.environ.get("DUQUANT_COMMIT", "unknown")
     cols = ["model", "batch", "variant", "ms", "vs bf16 fast", "vs bf16 plain", "rel err vs eager", "peak GB",
             "weights GB", "quantize s", "compile+capture s"]
     md = [f"`sample_actions` (10 steps), full-size random weights, {info['gpu']}, torch {info['torch']}, commit "

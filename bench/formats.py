@@ -14,9 +14,7 @@ fused and new tile activation kernels), one layer at a time.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import sys
 import time
 import traceback
@@ -107,13 +105,7 @@ def main() -> int:
     p.add_argument("--parts", default="expert,llm,vision")
     p.add_argument("--formats", default="w4a16,w4a16 g128,w8a8-fp8,w8a8-fp8 duquant,w4a8")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        print("formats: no CUDA device; this benchmark measures GPU kernels", file=sys.stderr)
-        return 2
-    try:
-        import triton
-    except ImportError:
-        print("formats: triton is not installed", file=sys.stderr)
+    if kernel_bench.cannot_run("formats"):
         return 2
     parts = args.parts.split(",")
     fmts = [f for f in args.formats.split(",") if f]
@@ -158,9 +150,7 @@ def main() -> int:
         rows.append(row)
         print(f"[{time.time() - T0:6.1f} s]", {kk: (float(f"{v:.4g}") if isinstance(v, float) else v)
                                                for kk, v in row.items()}, flush=True)
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "cuda": torch.version.cuda, "python": platform.python_version(),
-           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    env = kernel_bench.env_info()
     cols = ["part", "layer", "M", "K", "N", "bf16 us"]
     for fmt, impl in variants:
         col = fmt + (f" ({impl} act)" if impl else "")

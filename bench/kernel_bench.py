@@ -47,11 +47,26 @@ PI0_LAYERS = {
 
 
 def env_info() -> dict:
+    """What a result was measured on: GPU, versions, date, and the commit (DUQUANT_COMMIT, set by the caller: the
+    device machine gets the working tree without .git)."""
     import triton
 
-    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
             "cuda": torch.version.cuda, "python": platform.python_version(),
+            "commit": os.environ.get("DUQUANT_COMMIT", "unknown"),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def cannot_run(name: str) -> int | None:
+    """2 (with one line saying why) when the GPU kernels cannot run here, else None."""
+    from duquant.kernels import gpu_available
+
+    ok, why = gpu_available()
+    if ok:
+        return None
+    print(f"{name}: {why}; this benchmark measures GPU kernels", file=sys.stderr)
+    return 2
 
 
 _FLUSH = None
