@@ -53,12 +53,22 @@ class Observation:
                            {k: v.to(device) for k, v in self.image_masks.items()}, f(self.state),
                            self.tokenized_prompt.to(device), self.tokenized_prompt_mask.to(device))
 
+    def map(self, fn) -> Observation:
+        """The observation with `fn` applied to every tensor."""
+        return Observation({k: fn(v) for k, v in self.images.items()}, {k: fn(v) for k, v in self.image_masks.items()},
+                           fn(self.state), fn(self.tokenized_prompt), fn(self.tokenized_prompt_mask))
+
+    def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """Every tensor under its file-format name (`images.<camera>`, `state`, ...), in a fixed order."""
+        return [*((f"images.{k}", v) for k, v in sorted(self.images.items())),
+                *((f"image_masks.{k}", v) for k, v in sorted(self.image_masks.items())),
+                ("state", self.state), ("tokenized_prompt", self.tokenized_prompt),
+                ("tokenized_prompt_mask", self.tokenized_prompt_mask)]
+
     def select(self, indices: Sequence[int] | torch.Tensor | slice) -> Observation:
         """A sub-batch (indices list / tensor, or a slice)."""
         idx = indices if isinstance(indices, slice) else torch.as_tensor(indices, dtype=torch.long)
-        return Observation({k: v[idx] for k, v in self.images.items()},
-                           {k: v[idx] for k, v in self.image_masks.items()}, self.state[idx],
-                           self.tokenized_prompt[idx], self.tokenized_prompt_mask[idx])
+        return self.map(lambda t: t[idx])
 
     @staticmethod
     def concat(items: Sequence[Observation]) -> Observation:

@@ -20,22 +20,7 @@ class GraphCaptureError(RuntimeError):
 
 
 def _layout(obs: Observation) -> tuple:
-    def sig(t: torch.Tensor) -> tuple:
-        return tuple(t.shape), t.dtype
-
-    return (tuple((k, sig(v)) for k, v in sorted(obs.images.items())),
-            tuple((k, sig(v)) for k, v in sorted(obs.image_masks.items())),
-            sig(obs.state), sig(obs.tokenized_prompt), sig(obs.tokenized_prompt_mask))
-
-
-def _copy_into(dst: Observation, src: Observation) -> None:
-    for k, v in src.images.items():
-        dst.images[k].copy_(v, non_blocking=True)
-    for k, v in src.image_masks.items():
-        dst.image_masks[k].copy_(v, non_blocking=True)
-    dst.state.copy_(src.state, non_blocking=True)
-    dst.tokenized_prompt.copy_(src.tokenized_prompt, non_blocking=True)
-    dst.tokenized_prompt_mask.copy_(src.tokenized_prompt_mask, non_blocking=True)
+    return tuple((name, tuple(t.shape), t.dtype) for name, t in obs.named_tensors())
 
 
 class CapturedPolicy:
@@ -49,11 +34,7 @@ class CapturedPolicy:
         device = policy.device
         cfg = policy.config
         self.layout = _layout(example)
-        self.static_obs = example.to(device)
-        self.static_obs = Observation({k: v.clone() for k, v in self.static_obs.images.items()},
-                                      {k: v.clone() for k, v in self.static_obs.image_masks.items()},
-                                      self.static_obs.state.clone(), self.static_obs.tokenized_prompt.clone(),
-                                      self.static_obs.tokenized_prompt_mask.clone())
+        self.static_obs = example.map(lambda t: t.to(device, copy=True))  # buffers of its own, at fixed addresses
         shape = (example.batch_size, cfg.action_horizon, cfg.action_dim)
         self.static_noise = torch.zeros(shape, dtype=torch.float32, device=device)
         self.graph = torch.cuda.CUDAGraph()
@@ -87,7 +68,8 @@ class CapturedPolicy:
         if _layout(observation) != self.layout:
             raise ValueError("this CapturedPolicy was captured for observations laid out as "
                              f"{self.layout}; got {_layout(observation)}: capture another one for that layout")
-        _copy_into(self.static_obs, observation)
+        for (_, dst), (_, src) in zip(self.static_obs.named_tensors(), observation.named_tensors()):
+            dst.copy_(src, non_blocking=True)
         if noise is None:
             noise = torch.randn(self.static_noise.shape, generator=generator, device=self.static_noise.device
                                 if generator is None else generator.device)
