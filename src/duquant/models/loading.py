@@ -205,9 +205,9 @@ def load_policy(path: str | os.PathLike, config: str | PolicyConfig | None = Non
     norm-stats asset when a LeRobot directory holds several (see `checkpoints.inspect_checkpoint`)."""
     file = _checkpoint_file(path)
     keys = read_checkpoint_keys(file)
-    if keys and all(k.startswith("model.") for k in keys):  # LeRobot's layout
-        from duquant.models.checkpoints import load_checkpoint_with_info  # it builds on this module
+    from duquant.models.checkpoints import LEROBOT, detect_format, load_checkpoint_with_info  # builds on this module
 
+    if detect_format(keys) == LEROBOT:
         return load_checkpoint_with_info(file, config=config, device=device, dtype=dtype, asset_id=asset_id)[0]
     cj_path = file.parent / "config.json"
     try:
