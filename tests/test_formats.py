@@ -3,9 +3,6 @@ to its definition, the w4a16 kernel under the Triton interpreter, and the gpu ba
 
 import ast
 import math
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -18,7 +15,7 @@ from duquant.formats.fp8 import E4M3_MAX
 from duquant.layers import DuQuantLinear
 from duquant.quantizers import fake_quantize_activation
 from duquant.random_layers import random_activations, random_layer
-from triton_interpreter import PREAMBLE
+from triton_interpreter import PREAMBLE, run_under_interpreter
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "duquant"
 CUDA = torch.cuda.is_available()
@@ -273,19 +270,11 @@ _FP8_SCRIPT = textwrap.dedent("""
 
 
 def test_fp8_activation_kernel_and_group_under_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = str(SRC.parent) + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", _FP8_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "FP8 INTERPRETER OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    run_under_interpreter(_FP8_SCRIPT, "FP8 INTERPRETER OK", timeout=300)
 
 
 def test_w4a16_kernel_under_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = str(SRC.parent) + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", _W4A16_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "W4A16 INTERPRETER OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    run_under_interpreter(_W4A16_SCRIPT, "W4A16 INTERPRETER OK", timeout=300)
 
 
 # ---- gpu backends (H100; skipped on CI) ------------------------------------------------------------------------

@@ -1,9 +1,6 @@
 """Kernels: the eager reference (CPU, CI), the Triton kernels under the interpreter (CPU, when triton is
 installed), and the GPU kernels against the reference (marked gpu; skipped without CUDA)."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -12,7 +9,7 @@ import torch
 from duquant.kernels import gpu_available, reference
 from duquant.quantizers import fake_quantize_activation
 from duquant.random_layers import random_activations, random_group, random_layer
-from triton_interpreter import PREAMBLE
+from triton_interpreter import PREAMBLE, run_under_interpreter
 
 CUDA = torch.cuda.is_available()
 
@@ -112,12 +109,7 @@ _INTERP_SCRIPT = PREAMBLE + textwrap.dedent("""
 
 
 def test_triton_kernels_under_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    src = os.path.join(os.path.dirname(__file__), "..", "src")
-    env["PYTHONPATH"] = os.path.abspath(src) + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and "INTERPRETER OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    run_under_interpreter(_INTERP_SCRIPT, "INTERPRETER OK", timeout=600)
 
 
 # ---- GPU ----------------------------------------------------------------------------------------------------------

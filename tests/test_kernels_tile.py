@@ -1,14 +1,11 @@
 """The block-tile activation kernel (kernels/triton_act_tile.py) under the Triton interpreter (CPU), against the
 eager spec ``reference.act_quant``; skipped when triton is not installed. GPU agreement: bench/act_transform.py."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-from triton_interpreter import PREAMBLE
+from triton_interpreter import PREAMBLE, run_under_interpreter
 
 _SCRIPT = PREAMBLE + textwrap.dedent("""
     from duquant.kernels import reference
@@ -60,12 +57,7 @@ _SCRIPT = PREAMBLE + textwrap.dedent("""
 
 
 def test_tile_kernel_under_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    src = os.path.join(os.path.dirname(__file__), "..", "src")
-    env["PYTHONPATH"] = os.path.abspath(src) + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and "TILE INTERPRETER OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    run_under_interpreter(_SCRIPT, "TILE INTERPRETER OK", timeout=600)
 
 
 def test_tile_config_has_mma_rows():
