@@ -88,6 +88,13 @@ class WebsocketClient:
             self._ws = None
 
 
+def close_policies(policies: dict) -> None:
+    """Close every policy client that holds a connection (in-process policies have nothing to close)."""
+    for p in policies.values():
+        if hasattr(p, "close"):
+            p.close()
+
+
 def make_policy(spec: str, connect_timeout: float = 300.0):
     """`ws://host:port` or `host:port`: a server; `local:CONFIG_OR_CHECKPOINT_DIR`: in-process float;
     `local+duquant:CONFIG_OR_CHECKPOINT_DIR`: in-process, quantized as the OPENPI_DUQUANT_* variables say."""

@@ -13,15 +13,10 @@ import time
 import numpy as np
 
 from duquant.eval.config import EvalConfig, PolicyUnavailable
+from duquant.eval.policies import close_policies
 from duquant.eval.runners.retries import Retries
 from duquant.eval.sim import simulator
 from duquant.eval.work import Unit, iter_unit
-
-
-def _close_all(policies: dict) -> None:
-    for p in policies.values():
-        if hasattr(p, "close"):
-            p.close()
 
 
 class LocalRunner:
@@ -49,7 +44,7 @@ class LocalRunner:
                 for kind, payload in iter_unit(unit, self.cfg, policies, versions, suite):
                     sink.event(kind, payload)
         finally:
-            _close_all(policies)
+            close_policies(policies)
 
     def _run_processes(self, units: list[Unit], sink) -> None:
         import multiprocessing as mp
@@ -164,7 +159,7 @@ def _worker_main(wid: int, cfg_dict: dict, tasks, results) -> None:
 
         results.put((wid, "fatal", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
     finally:
-        _close_all(policies)
+        close_policies(policies)
 
 
 __all__ = ["LocalRunner"]

@@ -32,7 +32,7 @@ except ModuleNotFoundError as err:  # the CLI turns this into one line naming th
                               name="ray") from err
 
 from duquant.eval.config import EvalConfig, PolicyUnavailable
-from duquant.eval.policies import is_in_process, make_policy
+from duquant.eval.policies import close_policies, is_in_process, make_policy
 from duquant.eval.runners.retries import Retries
 from duquant.eval.sim import simulator
 from duquant.eval.work import Unit, iter_unit
@@ -137,9 +137,7 @@ def _unit_task(cfg_dict: dict, unit_dict: dict, actor):
     try:
         yield from iter_unit(Unit(**unit_dict), cfg, policies, simulator(cfg.simulator).simulator_versions())
     finally:
-        for p in policies.values():
-            if hasattr(p, "close"):
-                p.close()
+        close_policies(policies)
 
 
 class RayRunner:
