@@ -6,6 +6,7 @@ of the source checkout that duquant is installed from (`pip install -e .`), with
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def register(sub) -> None:
     lines = "\n".join(f"  {k:14s} {v[1]}" for k, v in SCRIPTS.items())
     p = sub.add_parser("bench", help="GPU benchmarks on pi0's shapes and end to end (CUDA only; bench/ folder)",
                        description=__doc__ + "\nbenchmarks:\n" + lines,
-                       formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=list(SCRIPTS), help="which benchmark (see above)")
     p.add_argument("args", nargs="...", help="passed to the script (e.g. --models pi0,pi05 --batches 1,16)")
     p.set_defaults(func=cmd_bench)
@@ -53,6 +54,9 @@ def cmd_bench(args) -> int:
     sys.argv = [str(script), *args.args]
     try:
         runpy.run_path(str(script), run_name="__main__")
-    except SystemExit as done:
-        return int(done.code or 0) if not isinstance(done.code, str) else (print(done.code) or 1)
+    except SystemExit as done:  # the scripts end with sys.exit(code); a message instead of a code is a failure
+        if isinstance(done.code, str):
+            print(done.code, file=sys.stderr)
+            return 1
+        return int(done.code or 0)
     return 0
