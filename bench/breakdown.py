@@ -7,7 +7,10 @@ quantization and the integer GEMMs), anything else (norms, RoPE, residuals, embe
 The profiled run is the eager (uncompiled) model, so every kernel can be attributed; the compiled fast path's
 kernels are listed by name beside it.
 
-    PYTHONPATH=src python3 bench/breakdown.py [--models pi0] [--variants bf16,w4a8] [--out DIR]
+    PYTHONPATH=src python3 bench/breakdown.py [--models pi0] [--variants bf16,w4a8,w4a8+w4a16] [--out DIR]
+
+Variants: bf16; w4a8 = DuQuant W4A8 on the LLM + SigLIP (expert bf16, bench/e2e.py's default configuration);
+w4a8-all = also the expert; w4a8+w4a16 = the expert in w4a16.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ from duquant.models import build_policy, gemma, make_synthetic_observation, pi0,
 from duquant.runtime import CapturedPolicy, compile_blocks, fuse_projections  # noqa: E402
 
 CATEGORIES = ("gemm", "attention", "quantized linear")
+# variant -> (DuQuant W4A8 parts, w4a16 parts); "w4a8" is the default GPU configuration of bench/e2e.py
+QUANTIZED = {"w4a8": (("llm", "vision"), ()), "w4a8-all": (("llm", "vision", "expert"), ()),
+             "w4a8+w4a16": (("llm", "vision"), ("expert",))}
 
 
 @contextlib.contextmanager
@@ -71,6 +77,8 @@ def category_of(event) -> str:
 
 def quantized_split(kernel_name: str) -> str:
     n = kernel_name.lower()
+    if "w4a16" in n:
+        return "quantized: w4a16 GEMM"
     is_gemm = ("gemm" in n or "mm" in n) and "act" not in n
     return "quantized: int GEMM" if is_gemm else "quantized: act transform + quant"
 
@@ -110,6 +118,8 @@ def fast_category(kernel_name: str) -> str:
         return "attention (softmax)"
     if any(s in n for s in ("gemm", "nvjet", "cutlass", "splitk", "xmma", "mm_")):
         return "gemm"
+    if "w4a16" in n:
+        return "quantized: w4a16 GEMM"
     if "act" in n or "quant" in n:
         return "quantized: act transform + quant"
     return "norms + elementwise (fused)"
@@ -135,13 +145,14 @@ def main() -> int:
         noise = torch.randn(a.batch, base.config.action_horizon, base.config.action_dim, device="cuda")
         for variant in a.variants.split(","):
             model = copy.deepcopy(base)
-            if variant == "w4a8":
+            if variant in QUANTIZED:
                 from duquant import kernels
 
-                quantize_synthetic(model, ("llm", "vision", "expert"), 4)
+                parts, weight_only = QUANTIZED[variant]
+                quantize_synthetic(model, parts, 4, weight_only=weight_only)
                 kernels.prepare_gpu_model(model)
             elif variant != "bf16":
-                p.error(f"unknown variant {variant!r} (bf16, w4a8)")
+                p.error(f"unknown variant {variant!r} (bf16, {', '.join(QUANTIZED)})")
             bd = breakdown(model, obs, noise)
             plain_ms = graph_ms(model, obs, noise)
             fuse_projections(model)

@@ -4,6 +4,8 @@ Variants (all on the same full-size random-weight model, bf16 activations):
   bf16 plain      the readable model as it is, captured in one graph (no fusion, no compile)
   bf16 fast       duquant.runtime.optimize: fused q/k/v and gate/up, compiled blocks, one graph
   w4a8 / w8a8     DuQuant on llm+vision (expert bf16) or on every part, gpu backend, plus the same fast path
+  w4a16 expert    the action expert's linears in w4a16 (4-bit weights, bf16 activations, no transform), alone
+                  or beside W4A8 llm+vision
 Each variant's actions are checked against the plain eager model's on the same inputs (relative error printed);
 the run exits non-zero if any capture fails or any fast-path output disagrees beyond the tolerance. Nothing is
 ever timed in another mode than the one named.
@@ -30,13 +32,15 @@ from kernel_bench import env_info, median_event_ms, quantize_synthetic  # noqa: 
 from duquant.models import build_policy, make_synthetic_observation  # noqa: E402
 from duquant.runtime import CapturedPolicy, compile_blocks, fuse_projections  # noqa: E402
 
-# name -> (quantized parts, weight bits, fuse + compile)
+# name -> (DuQuant parts, weight bits, fuse + compile, w4a16 parts)
 VARIANTS = {
-    "bf16 plain": ((), 0, False),
-    "bf16 fast": ((), 0, True),
-    "w4a8 llm+vision fast": (("llm", "vision"), 4, True),
-    "w4a8 all fast": (("llm", "vision", "expert"), 4, True),
-    "w8a8 llm+vision fast": (("llm", "vision"), 8, True),
+    "bf16 plain": ((), 0, False, ()),
+    "bf16 fast": ((), 0, True, ()),
+    "w4a8 llm+vision fast": (("llm", "vision"), 4, True, ()),
+    "w4a8 llm+vision w4a16 expert fast": (("llm", "vision"), 4, True, ("expert",)),
+    "w4a16 expert fast": ((), 4, True, ("expert",)),
+    "w4a8 all fast": (("llm", "vision", "expert"), 4, True, ()),
+    "w8a8 llm+vision fast": (("llm", "vision"), 8, True, ()),
 }
 TOLERANCE = {"bf16": 0.05, "quant": 0.5}  # relative L2 error of actions vs the plain eager model (see docs/gpu.md)
 
@@ -64,13 +68,13 @@ def run(models, batches, variants, iters: int, out: Path) -> int:
             with torch.no_grad():
                 inputs[batch] = (obs, noise, base.sample_actions(obs, noise=noise))
         for vname in variants:  # one model per variant (quantized and compiled once), captured per batch size
-            parts, wbits, fast = VARIANTS[vname]
-            model = copy.deepcopy(base) if (parts or fast) else base
+            parts, wbits, fast, weight_only = VARIANTS[vname]
+            model = copy.deepcopy(base) if (parts or fast or weight_only) else base
             t0 = time.perf_counter()
-            if parts:
+            if parts or weight_only:
                 from duquant import kernels
 
-                quantize_synthetic(model, parts, wbits)
+                quantize_synthetic(model, parts, wbits, weight_only=weight_only)
                 kernels.prepare_gpu_model(model)
             quant_s = time.perf_counter() - t0
             if fast:
@@ -91,7 +95,7 @@ def run(models, batches, variants, iters: int, out: Path) -> int:
                 capture_s = time.perf_counter() - t1
                 actions = captured(obs, noise)
                 err = rel_err(actions, ref)
-                tol = TOLERANCE["quant" if parts else "bf16"]
+                tol = TOLERANCE["quant" if (parts or weight_only) else "bf16"]
                 if not err <= tol:
                     failures.append(f"{name} b{batch} {vname}: actions differ from the plain eager model by {err:.3g}")
                 ms = median_event_ms(captured.replay, iters)

@@ -13,6 +13,7 @@ Each writes <name>.json and <name>.md into the output folder.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import math
@@ -428,17 +429,23 @@ _GROUP_NAMES = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("out_proj",), ("ga
                 ("fc1",), ("fc2",)]
 
 
-def quantize_synthetic(model, parts, wbits: int = 4, w_symmetric: bool = False, steps: int = 4) -> int:
+def quantize_synthetic(model, parts, wbits: int = 4, w_symmetric: bool = False, steps: int = 4,
+                       weight_only: tuple = ()) -> int:
     """Replace the transformer-block linears of `parts` by gpu-backend DuQuantLinear layers with real DuQuant
-    transforms (searched on random outlier activations, not calibrated: this measures speed and memory only)."""
+    transforms (searched once per input width on random outlier activations, not calibrated: this measures speed
+    and memory only). Parts in `weight_only` become w4a16 layers instead (no activation transform; the format
+    the action expert at M ~ 51 is meant to use)."""
     from torch import nn
 
     from duquant.layers import DuQuantLinear
     from duquant.quantizers import quantize_weight
     from duquant.random_layers import random_transform
+    from duquant.transform import LayerTransform
 
-    prefixes = [PART_PREFIX[p] for p in parts]
+    prefixes = [PART_PREFIX[p] for p in (*parts, *weight_only)]
+    weight_only_prefixes = tuple(PART_PREFIX[p] for p in weight_only)
     n = 0
+    searched: dict[int, object] = {}  # one search per input width: the kernels' cost does not depend on the values
     for name, mod in list(model.named_modules()):
         if not any(name.startswith(p) for p in prefixes) or ".layers." not in name:
             continue
@@ -448,8 +455,18 @@ def quantize_synthetic(model, parts, wbits: int = 4, w_symmetric: bool = False, 
                 continue
             k = lins[0].in_features
             dev = lins[0].weight.device
-            sample_w = torch.cat([lin.weight[:256].detach().float().cpu() for lin in lins])[:256]
-            t = random_transform(k, "duquant", 128, seed=n, steps=steps, weight=sample_w).to(dev)
+            if name.startswith(weight_only_prefixes):
+                shared = LayerTransform(k, 128, kind="rtn")  # one identity object: the group runs one GEMM
+                for g, lin in zip(grp, lins):
+                    setattr(mod, g, DuQuantLinear.from_linear(lin, "w4a16", transform=shared, backend="gpu",
+                                                              w_clip=0.9))
+                n += 1
+                continue
+            if k not in searched:
+                sample_w = torch.cat([lin.weight[:256].detach().float().cpu() for lin in lins])[:256]
+                searched[k] = random_transform(k, "duquant", 128, seed=n, steps=steps, weight=sample_w)
+            # a copy per group: groups are told apart by their transform object (kernels.prepare_gpu_model)
+            t = copy.deepcopy(searched[k]).to(dev)
             for g, lin in zip(grp, lins):
                 qw = quantize_weight(t.fold_into_weight(lin.weight.detach().float()), wbits, symmetric=w_symmetric,
                                      clip=0.9 if wbits <= 4 else 1.0)

@@ -273,7 +273,9 @@ def test_fp8_activation_kernel_and_group_under_interpreter():
     run_under_interpreter(_FP8_SCRIPT, "FP8 INTERPRETER OK", timeout=300)
 
 
-def test_w4a16_kernel_under_interpreter():
+@pytest.mark.parametrize("split_k", [1, 3])  # one output tile per program; K split over 3 programs (one launch)
+def test_w4a16_kernel_under_interpreter(split_k, monkeypatch):
+    monkeypatch.setenv("DUQUANT_W4A16_SPLIT", str(split_k))
     run_under_interpreter(_W4A16_SCRIPT, "W4A16 INTERPRETER OK", timeout=300)
 
 

@@ -19,63 +19,105 @@ import triton
 import triton.language as tl
 
 
-def _cfg(bm, bn, bk, warps, stages):
-    return triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
+def _cfg(bn, bm, ks, split, warps, stages):
+    return triton.Config({"BN": bn, "BM": bm, "KS": ks, "SPLIT_K": split}, num_warps=warps, num_stages=stages)
 
 
+# Small M (the expert: 51 tokens, 816 at batch 16 is another bucket): few output tiles, so K is split across
+# programs to fill the 132 SMs; large M: ordinary tiles, no split.
 _CONFIGS = [
-    _cfg(16, 64, 128, 4, 4), _cfg(16, 128, 128, 4, 4), _cfg(32, 64, 128, 4, 4), _cfg(64, 64, 128, 4, 4),
-    _cfg(64, 128, 64, 4, 4), _cfg(16, 32, 256, 4, 3), _cfg(32, 128, 64, 4, 4), _cfg(64, 128, 128, 8, 3),
-    _cfg(128, 128, 64, 8, 3), _cfg(16, 64, 64, 4, 5),
+    _cfg(64, 64, 128, 1, 4, 4), _cfg(64, 64, 128, 2, 4, 4), _cfg(64, 64, 128, 4, 4, 4), _cfg(64, 64, 256, 4, 4, 3),
+    _cfg(128, 64, 128, 2, 4, 4), _cfg(128, 64, 128, 4, 8, 4), _cfg(64, 64, 128, 8, 4, 4), _cfg(32, 64, 128, 4, 4, 4),
+    _cfg(128, 128, 64, 1, 8, 3), _cfg(128, 64, 64, 1, 4, 4), _cfg(64, 128, 128, 1, 4, 3), _cfg(128, 128, 128, 1, 8, 3),
 ]
 if os.environ.get("DUQUANT_GEMM_QUICK") == "1" or os.environ.get("TRITON_INTERPRET") == "1":
-    _CONFIGS = [_cfg(16, 32, 64, 4, 2)]
+    # one configuration (the interpreter cannot benchmark); the tests run it with and without split-K
+    _CONFIGS = [_cfg(16, 16, 32, int(os.environ.get("DUQUANT_W4A16_SPLIT", "1")), 4, 2)]
 
 
 def _bench_graph(fn, quantiles=None):
     return triton.testing.do_bench_cudagraph(fn, rep=10, quantiles=quantiles, return_mode="median")
 
 
-@triton.autotune(configs=_CONFIGS, key=["MB", "N", "K", "GS"], do_bench=_bench_graph)
+_SPLIT_MAX_MB = 128  # split-K only for small M: its scratch grows with M * N
+
+
+def _prune(configs, named_args, **kwargs):
+    if named_args["MB"] <= _SPLIT_MAX_MB:
+        return configs
+    return [c for c in configs if c.kwargs["SPLIT_K"] == 1] or configs
+
+
+@triton.autotune(configs=_CONFIGS, key=["MB", "N", "K", "GS"], do_bench=_bench_graph, reset_to_zero=["lock_ptr"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _w4a16_kernel(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, z_ptr, b_ptr, y_ptr, stride_ym, M, N, K, KH, NG, MB,
-                  GS: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BM + tl.arange(0, BM)
+def _w4a16_kernel(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, z_ptr, b_ptr, y_ptr, stride_ym, ws_ptr, lock_ptr,
+                  M, N, K, KH, NG, MB,
+                  GS: tl.constexpr, HAS_BIAS: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, KS: tl.constexpr,
+                  SPLIT_K: tl.constexpr):
+    """acc[BN, BM] = W[BN, K-range] . x[BM, K-range]^T: the weights are the MMA's A operand (rows of N fill the
+    64-row MMA even when M is 51). With SPLIT_K > 1 each program takes a K range, writes its float32 partial, and
+    the last program of an output tile to arrive (a counter per tile) adds the partials in split order: one
+    launch, and the same sum every run (no atomics on the data)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    mmask = offs_m < M
+    offs_m = pid_m * BM + tl.arange(0, BM)
     nmask = offs_n < N
-    KS: tl.constexpr = BK if (GS == 0 or BK <= GS) else GS  # a K step never straddles two scale groups
-    jj = tl.arange(0, KS // 2)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    mmask = offs_m < M
+    STEP: tl.constexpr = KS if (GS == 0 or KS <= GS) else GS  # a K step never straddles two scale groups
+    jj = tl.arange(0, STEP // 2)
+    steps = tl.cdiv(K, STEP)
+    per_split = tl.cdiv(steps, SPLIT_K)
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
     if GS == 0:
         zero = tl.load(z_ptr + offs_n, mask=nmask, other=0.0)
-    for kb in range(0, tl.cdiv(K, KS)):
-        byte = kb * (KS // 2) + jj
+    xrow = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    wrow = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    for kb in range(pid_k * per_split, tl.minimum(steps, (pid_k + 1) * per_split)):
+        byte = kb * (STEP // 2) + jj
         ke = 2 * byte
-        xrow = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
         xe = tl.load(xrow + ke[None, :], mask=mmask[:, None] & (ke < K)[None, :], other=0.0)
         xo = tl.load(xrow + ke[None, :] + 1, mask=mmask[:, None] & (ke + 1 < K)[None, :], other=0.0)
-        wb = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + byte[None, :],
-                     mask=nmask[:, None] & (byte < KH)[None, :], other=0).to(tl.int32)
+        wb = tl.load(wrow + byte[None, :], mask=nmask[:, None] & (byte < KH)[None, :], other=0).to(tl.int32)
         if GS != 0:
-            g = (kb * KS) // GS
+            g = (kb * STEP) // GS
             zero = tl.load(z_ptr + offs_n * NG + g, mask=nmask, other=0.0)
             scale_g = tl.load(s_ptr + offs_n * NG + g, mask=nmask, other=0.0)
         wl = ((wb & 15).to(tl.float32) - zero[:, None]).to(xe.dtype)  # small integers: exact
         wh = ((wb >> 4).to(tl.float32) - zero[:, None]).to(xe.dtype)
-        part = tl.dot(xe, tl.trans(wl)) + tl.dot(xo, tl.trans(wh))
+        part = tl.dot(wl, tl.trans(xe)) + tl.dot(wh, tl.trans(xo))
         if GS != 0:
-            acc += part * scale_g[None, :]
+            acc += part * scale_g[:, None]
         else:
             acc += part
+    if SPLIT_K > 1:
+        tile = pid_m * tl.num_programs(0) + pid_n
+        tile_elems = BN * BM
+        wsp = ws_ptr + tile.to(tl.int64) * (SPLIT_K * tile_elems) + tl.arange(0, BN)[:, None] * BM \
+            + tl.arange(0, BM)[None, :]
+        tl.store(wsp + pid_k * tile_elems, acc)
+        arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:  # the last partial of this tile: sum them in split order, finish, rearm
+            acc = tl.load(wsp, cache_modifier=".cg")
+            for s in range(1, SPLIT_K):
+                acc += tl.load(wsp + s * tile_elems, cache_modifier=".cg")
+            _epilogue(acc, s_ptr, b_ptr, y_ptr, stride_ym, offs_n, offs_m, nmask, mmask, GS, HAS_BIAS)
+            tl.atomic_xchg(lock_ptr + tile, 0)
+    else:
+        _epilogue(acc, s_ptr, b_ptr, y_ptr, stride_ym, offs_n, offs_m, nmask, mmask, GS, HAS_BIAS)
+
+
+@triton.jit
+def _epilogue(acc, s_ptr, b_ptr, y_ptr, stride_ym, offs_n, offs_m, nmask, mmask, GS: tl.constexpr,
+              HAS_BIAS: tl.constexpr):
     if GS == 0:
-        acc = acc * tl.load(s_ptr + offs_n, mask=nmask, other=0.0)[None, :]
+        acc = acc * tl.load(s_ptr + offs_n, mask=nmask, other=0.0)[:, None]
     if HAS_BIAS:
-        acc = acc + tl.load(b_ptr + offs_n, mask=nmask, other=0.0)[None, :]
-    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=mmask[:, None] & nmask[None, :])
+        acc = acc + tl.load(b_ptr + offs_n, mask=nmask, other=0.0)[:, None]
+    tl.store(y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
+             mask=nmask[:, None] & mmask[None, :])
 
 
 @dataclass
@@ -131,11 +173,43 @@ def w4a16_gemm(x: torch.Tensor, w: W4A16Weight, out: torch.Tensor | None = None)
     if m == 0:
         return y
     ng = 1 if w.group_size is None else -(-k // w.group_size)
+    ws, lock = _split_buffers(w, m, x.device)
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BM"]), triton.cdiv(w.N, meta["BN"]))
+        return (triton.cdiv(w.N, meta["BN"]), triton.cdiv(m, meta["BM"]), meta["SPLIT_K"])
 
     _w4a16_kernel[grid](x, x.stride(0), w.data, w.data.stride(0), w.scale, w.zero,
-                        w.bias if w.bias is not None else w.scale, y, y.stride(0), m, w.N, k, w.data.shape[1], ng,
-                        _mb(m), GS=w.group_size or 0, HAS_BIAS=w.bias is not None)
+                        w.bias if w.bias is not None else w.scale, y, y.stride(0), ws, lock, m, w.N, k,
+                        w.data.shape[1], ng, _mb(m), GS=w.group_size or 0, HAS_BIAS=w.bias is not None)
     return y
+
+
+_SCRATCH: dict = {}  # device -> (partials, tile counters), shared by every layer (one stream: launches never overlap)
+
+
+def _split_buffers(w: W4A16Weight, m: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K scratch (float32 partials of every output tile) and tile counters, grown to the largest call seen
+    and allocated outside CUDA-graph capture (the first eager call at a batch size); the counters rearm themselves.
+    Sized for the largest split configuration of _CONFIGS (tiles of at most 128 x 64, 8 splits)."""
+    if _mb(m) > _SPLIT_MAX_MB:
+        return _dummy(device)
+    n_pad, m_pad = triton.cdiv(w.N, 128) * 128, triton.cdiv(m, 64) * 64
+    split = max(c.kwargs["SPLIT_K"] for c in _CONFIGS)
+    need_ws, tiles = n_pad * m_pad * split, triton.cdiv(w.N, 16) * triton.cdiv(m, 16)
+    ws, lock = _SCRATCH.get(device, (None, None))
+    if ws is None or ws.numel() < need_ws or lock.numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("w4a16: run the layer once eagerly at this batch size before capturing a CUDA graph "
+                               "(its split-K scratch is allocated on the first call)")
+        ws = torch.empty(max(need_ws, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
+        lock = torch.zeros(max(tiles, 0 if lock is None else lock.numel()), dtype=torch.int32, device=device)
+        _SCRATCH[device] = (ws, lock)
+    return ws, lock
+
+
+def _dummy(device):
+    key = ("dummy", device)
+    if key not in _SCRATCH:
+        _SCRATCH[key] = (torch.empty(1, dtype=torch.float32, device=device),
+                         torch.zeros(1, dtype=torch.int32, device=device))
+    return _SCRATCH[key]
