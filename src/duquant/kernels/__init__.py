@@ -243,9 +243,10 @@ class GpuLinearGroup(SharedInputGroup):
         return outs
 
     def _act(self, x2: torch.Tensor, layout: str):
-        # The tile kernel failed its GPU test at K = 4304 (a partial last block, SigLIP's fc2 input) on an H100
-        # (2026-11-27): until that is fixed, widths that are not a whole number of blocks use the fused kernel.
-        if self.act_impl == "tile" and self.plan.fused and self.in_features % self.plan.BS == 0:
+        # A partial last block (K = 4304, SigLIP's fc2 input) has its own matrices: in float32 the chunked tile
+        # kernel cannot hold them (shared memory), so float32 rotations of such widths use the fused kernel.
+        partial = self.in_features % self.plan.BS != 0
+        if self.act_impl == "tile" and self.plan.fused and not (partial and self.precision in ("ieee", "tf32")):
             from duquant.kernels.triton_act_tile import act_quant_tile
 
             return act_quant_tile(x2, self.plan, symmetric=self.symmetric, clip=self.clip, layout=layout,

@@ -272,20 +272,18 @@ def _tile_act_chunked_kernel(
     ever in registers: (A) max |x/s| for the fp16 scaling, (B) smooth, R1, into the scratch row, (C) gather the
     permutation, R2, token min / max, (D) the same again, quantize, store. x is read twice (the second time from
     L1/L2), the scratch row is written once and gathered twice; every pass is the 128-row kernel's work split
-    into register-sized pieces (that kernel spills at K = 16384)."""
-    NCH: tl.constexpr = NBP // RC
+    into register-sized pieces (that kernel spills at K = 16384). Chunks wholly beyond K (NBP is a power of two:
+    K = 4304 has 34 blocks of 64) are skipped."""
     KP: tl.constexpr = NBP * BS
     PRESCALE: tl.constexpr = DOT == 3 and (HAS_R1 or HAS_R2)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    NCH = tl.cdiv(tl.cdiv(K, BS), RC)
+    a0, a1, b0, b1 = 0, 0, 0, 0
     if HAS_R1:
         a0, a1 = _load_matrix(r1_ptr, BS, R1_TWO)
-    else:
-        a0, a1 = 0, 0
     if HAS_R2:
         b0, b1 = _load_matrix(r2_ptr, BS, R2_TWO)
-    else:
-        b0, b1 = 0, 0
     base = scratch_ptr + pid.to(tl.int64) * KP
     for tok in range(pid, M, nprog):
         z = tok >> 30  # a zero the compiler cannot see through: index tensors stay inside the loops
@@ -487,12 +485,14 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
 
 def default_chunk_rows(k: int, bs: int = 128) -> int:
     """Blocks per chunk of the chunked kernel, or 0: tokens of more than 32 blocks (K = 16384: 128 rows, which
-    spill as one register tile) go in chunks of 32 rows on 4 warps."""
+    spill as one register tile) go in chunks of 32 rows on 8 warps (K = 4304, 34 blocks: 16 rows on 4 warps)."""
     env = os.environ.get("DUQUANT_ACT_CHUNK")
     if env is not None:
         return int(env)
-    nbp = _next_pow2(-(-k // bs))
-    return 32 if nbp > 32 else 0
+    nb = -(-k // bs)
+    if _next_pow2(nb) <= 32:
+        return 0
+    return 32 if nb % 32 == 0 else 16  # a partial last chunk: smaller chunks waste fewer padding rows
 
 
 def _launch_chunked(x, plan, codes, scale, zero, rowsum, symmetric, clip, layout, precision, exact_div, programs,
@@ -504,6 +504,10 @@ def _launch_chunked(x, plan, codes, scale, zero, rowsum, symmetric, clip, layout
     flags = dict(HAS_SMOOTH=plan.inv_smooth is not None, HAS_R1=plan.r1 is not None,
                  R1_TWO=plan.r1 is not None and plan.r1.shape[0] == 2, HAS_PERM=plan.perm_fwd is not None,
                  HAS_R2=plan.r2 is not None, R2_TWO=plan.r2 is not None and plan.r2.shape[0] == 2)
+    if (flags["R1_TWO"] or flags["R2_TWO"]) and precision in ("ieee", "tf32") and bs >= 128:
+        # four float32 128 x 128 matrices need 280+ KB of shared memory (sm_90 has 227 KB; aot.py measures it)
+        raise ValueError(f"K={k}: a partial last block in the chunked kernel needs fp16 or bf16 rotations "
+                         f"(got {precision!r}); use triton_act.act_quant for float32 rotations")
     r1 = _matrices(plan, "r1", precision)
     r2 = _matrices(plan, "r2", precision)
     op = {"fp16": (torch.float16, tl.float16), "bf16": (torch.bfloat16, tl.bfloat16)}.get(
@@ -521,7 +525,8 @@ def _launch_chunked(x, plan, codes, scale, zero, rowsum, symmetric, clip, layout
         float(clip), int(plan.last_block),
         RC=chunk, NBP=nbp, BS=bs, SYMMETRIC=bool(symmetric), DOT=PRECISIONS[precision], EXACT_DIV=bool(exact_div),
         USE_LIBDEVICE=not _INTERPRET and libdevice is not None, SPLIT=layout == "split", FP8=bool(fp8),
-        ROUND_E4M3=_INTERPRET, EVEN=k == nbp * bs, OP_DTYPE=op[1], num_warps=warps, **flags,
+        ROUND_E4M3=_INTERPRET, EVEN=k == nbp * bs, OP_DTYPE=op[1], num_warps=warps,
+        **flags,
     )
     return codes, scale, zero, rowsum
 
