@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 OPTIONAL = ("msgpack", "websockets", "PIL", "sentencepiece", "triton", "transformers", "ray", "openpi_client",
-            "libero", "robosuite", "mujoco", "imageio")
+            "libero", "robosuite", "mujoco", "imageio", "pyarrow", "av")
 COMMANDS = ("layers", "verify", "quantize", "report", "bench", "serve", "eval", "record")
 
 
@@ -73,3 +73,15 @@ def test_serve_names_its_extra_in_one_line(blocked_env):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith("duquant serve needs the serve extra") and 'pip install "duquant[serve]"' in lines[0]
+
+
+def test_lerobot_dataset_calibration_names_its_extra_in_one_line(blocked_env, tmp_path):
+    (tmp_path / "ds" / "meta").mkdir(parents=True)
+    (tmp_path / "ds" / "meta" / "info.json").write_text('{"codebase_version": "v3.0"}')
+    r = _run(blocked_env, "-m", "duquant.cli", "quantize", "--config", "pi0-tiny", "--calib", str(tmp_path / "ds"),
+             "--packdir", str(tmp_path / "packs"), "--no-eval")
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("duquant quantize needs the lerobot-data extra")
+    assert 'pip install "duquant[lerobot-data]"' in lines[0]

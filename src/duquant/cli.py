@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from duquant import lerobot_data
 from duquant.config import PRESETS, ConfigError, add_cli_args, from_args
 
 CONFIG_CHOICES = ("pi0", "pi05", "pi0-tiny", "pi05-tiny")
@@ -64,6 +65,19 @@ def cmd_verify(args) -> int:
     return 0 if result.ok else 1
 
 
+def _calibration_data(args, model, batches: int, seed: int) -> tuple[list, str]:
+    """--calib as observation batches of --batch-size and a line saying where they came from: an observation file,
+    or a LeRobot dataset directory (`duquant.lerobot_data`), of which `batches` batches of frames are read (or
+    --calib-frames; random sampling draws them with `seed`)."""
+    from duquant import lerobot_data
+    from duquant import workflows as wf
+
+    if Path(args.calib).is_dir():
+        loaded = lerobot_data.load_from_args(args, model.config, batches=batches, seed=seed)
+        return loaded.batches, loaded.source
+    return wf.load_calibration_file(args.calib, args.batch_size), args.calib
+
+
 def cmd_quantize(args) -> int:
     import torch
 
@@ -80,8 +94,7 @@ def cmd_quantize(args) -> int:
     if cfg.packdir is None:
         cfg = cfg.replace(packdir=wf.default_packdir(config_name or "checkpoint", cfg))
     if args.calib:
-        calib_obs = wf.load_calibration_file(args.calib, args.batch_size)
-        calib_source = args.calib
+        calib_obs, calib_source = _calibration_data(args, model, cfg.calib_steps, args.data_seed)
         if len(calib_obs) < cfg.calib_steps:
             print(f"duquant quantize: warning: {args.calib} holds {sum(o.batch_size for o in calib_obs)} observations "
                   f"({len(calib_obs)} batches of {args.batch_size}), fewer than --calib-steps {cfg.calib_steps}: "
@@ -131,7 +144,7 @@ def cmd_report(args) -> int:
             return real_models.run_report_cli(args)
     from duquant.report import run_report_cli
 
-    return run_report_cli(args)
+    return run_report_cli(args, load_calib=lambda model: _calibration_data(args, model, args.calib_batches, args.seed))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="calibrate, quantize and write packs; prints the action error vs float")
     _add_model_args(p)
     add_cli_args(p)
-    p.add_argument("--calib", help="calibration observations (.safetensors/.npz, see docs/report.md)")
+    p.add_argument("--calib", help="calibration observations (.safetensors/.npz, see docs/report.md) or a LeRobot "
+                   "dataset directory (docs/report.md)")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
@@ -163,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: 2 synthetic batches)")
     p.add_argument("--no-eval", action="store_true", help="skip the action-error check")
     p.add_argument("--out", help="write the quantization report JSON here")
+    lerobot_data.add_cli_args(p)
     p.set_defaults(func=cmd_quantize)
 
     from duquant import report as report_mod
@@ -170,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="accuracy and memory of every method on every part of pi0 (the main job)")
     _add_model_args(p)
     report_mod.add_report_args(p)
+    lerobot_data.add_cli_args(p)
     p.set_defaults(func=cmd_report)
 
     # Subcommands owned by optional parts register themselves. Their `register` modules import nothing beyond the
@@ -184,6 +200,7 @@ EXTRA_OF_PACKAGE = {
     "msgpack": "serve", "websockets": "serve", "PIL": "serve", "openpi_client": "serve",
     "sentencepiece": "tokenizer", "triton": "gpu", "ray": "cluster", "transformers": "hf",
     "libero": "libero", "robosuite": "libero", "mujoco": "libero", "imageio": "libero",
+    "pyarrow": lerobot_data.EXTRA, "av": lerobot_data.EXTRA,
 }
 REGISTERING_MODULES = ("duquant.kernels.cli", "duquant.serve.cli", "duquant.eval.cli")
 
@@ -213,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         from duquant.packs import PackError
         from duquant.selection import SelectionError
 
-        if isinstance(err, (SelectionError, PackError, FileNotFoundError)):
+        if isinstance(err, (SelectionError, PackError, FileNotFoundError, lerobot_data.DatasetError)):
             print(f"duquant: {err}", file=sys.stderr)
             return 2
         raise

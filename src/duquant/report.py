@@ -268,7 +268,8 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated weight roundings of {list(registry.ROUNDINGS)} (default rtn)")
     p.add_argument("--calibrations", default="one-pass",
                    help="comma-separated calibration modes: one-pass, sequential (default one-pass)")
-    p.add_argument("--calib", help="calibration observations (.safetensors/.npz; see docs/report.md)")
+    p.add_argument("--calib", help="calibration observations (.safetensors/.npz) or a LeRobot dataset directory "
+                   "(see docs/report.md)")
     p.add_argument("--text", help="transformers checkpoint: text file scored by perplexity (causal LM) or "
                    "split into sentences (encoder: embedding cosine); see docs/report.md")
     p.add_argument("--seq-len", type=int, default=256, help="transformers causal LM: tokens per window (256)")
@@ -298,7 +299,9 @@ def parse_variants(args) -> tuple[list[str], list[str]]:
     return roundings or ["rtn"], modes or ["one-pass"]
 
 
-def run_report_cli(args) -> int:
+def run_report_cli(args, load_calib=None) -> int:
+    """`load_calib(model) -> (batches, source)` reads --calib (the CLI passes its reader, which also takes a
+    LeRobot dataset directory); without it --calib is an observation file."""
     from duquant import workflows as wf
 
     t_start = time.perf_counter()
@@ -315,8 +318,11 @@ def run_report_cli(args) -> int:
     config_name = args.config or (None if args.checkpoint else args.default_config)
     dtype = wf.parse_dtype(args.dtype)
     model = wf.load_model(config_name, args.checkpoint, device=args.device, dtype=dtype, seed=args.seed)
+    calib_source = f"synthetic, seed {args.seed + 1}"
     if args.calib:
-        calib_obs = wf.load_calibration_file(args.calib, args.batch_size)[: args.calib_batches]
+        calib_obs, calib_source = (load_calib(model) if load_calib is not None
+                                   else (wf.load_calibration_file(args.calib, args.batch_size), args.calib))
+        calib_obs = calib_obs[: args.calib_batches]
     else:
         calib_obs = wf.synthetic_observations(model, args.calib_batches, args.batch_size, seed=args.seed + 1)
     if args.eval_obs:
@@ -353,7 +359,7 @@ def run_report_cli(args) -> int:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": {"config": config_name, "checkpoint": args.checkpoint, "dtype": args.dtype, "device": args.device,
                   "param_bytes_bf16": model_bytes},
-        "data": {"calibration": args.calib or f"synthetic, seed {args.seed + 1}",
+        "data": {"calibration": calib_source,
                  "evaluation": args.eval_obs or f"synthetic, seed {args.seed + 50_000}",
                  "calib_batches": len(calib_obs), "eval_batches": len(eval_obs), "batch_size": args.batch_size},
         "settings": base.to_dict(),
