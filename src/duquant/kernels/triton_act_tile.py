@@ -484,15 +484,17 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
 
 
 def default_chunk_rows(k: int, bs: int = 128) -> int:
-    """Blocks per chunk of the chunked kernel, or 0: tokens of more than 32 blocks (K = 16384: 128 rows, which
-    spill as one register tile) go in chunks of 32 rows on 8 warps (K = 4304, 34 blocks: 16 rows on 4 warps)."""
+    """Blocks per chunk of the chunked kernel, or 0 for the one-tile kernel: tokens of more than 32 blocks that
+    are not a power of two of them (K = 4304: 34 blocks) go in chunks of 16 rows on 4 warps."""
     env = os.environ.get("DUQUANT_ACT_CHUNK")
     if env is not None:
         return int(env)
     nb = -(-k // bs)
-    if _next_pow2(nb) <= 32:
+    if _next_pow2(nb) <= 32 or nb == _next_pow2(nb):
+        # whole tiles: the 128-row tile (K = 16384) spills a little but took 155 us on the H100 where the chunked
+        # kernel took 303 us (BENCHMARKS.md)
         return 0
-    return 32 if nb % 32 == 0 else 16  # a partial last chunk: smaller chunks waste fewer padding rows
+    return 16  # K = 4304 (34 blocks): the 64-row tile does not fit in shared memory; 16-row chunks waste least
 
 
 def _launch_chunked(x, plan, codes, scale, zero, rowsum, symmetric, clip, layout, precision, exact_div, programs,
