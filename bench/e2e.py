@@ -37,6 +37,7 @@ VARIANTS = {
     "bf16 plain": ((), 0, False, ()),
     "bf16 fast": ((), 0, True, ()),
     "w4a8 llm+vision fast": (("llm", "vision"), 4, True, ()),
+    "w4a8 llm fast": (("llm",), 4, True, ()),
     "w4a8 llm+vision w4a16 expert fast": (("llm", "vision"), 4, True, ("expert",)),
     "w4a16 expert fast": ((), 4, True, ("expert",)),
     "w4a8 all fast": (("llm", "vision", "expert"), 4, True, ()),
