@@ -12,17 +12,18 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-from duquant import __version__, registry
+from duquant import __version__, formats, registry
 from duquant.calibration import CalibrationResult, LayerStats
 from duquant.calibration import calibrate as run_calibration
-from duquant.config import DuQuantConfig, env_is_active
+from duquant.config import ConfigError, DuQuantConfig, env_is_active
 from duquant.layers import DuQuantLinear, rotate_rows
 from duquant.packs import PackStore, group_fingerprint, weight_fingerprint
-from duquant.quantizers import QuantizedWeight, search_weight_clip, static_activation_qparams
+from duquant.quantizers import search_weight_clip, static_activation_qparams
 from duquant.selection import layer_line, part_counts, select_layers, selection_summary
 from duquant.transform import LayerTransform, build_transform, hadamard_block_rotation
 
@@ -34,6 +35,51 @@ def needs_calibration(config: DuQuantConfig) -> bool:
     return (registry.method(config.method).needs_activations
             or registry.rounding(config.weight_rounding).needs_activations
             or bool(config.act_static or config.act_pct))
+
+
+def integer_weights(fmt: formats.Format) -> bool:
+    """Whether the format stores integer weight codes (what the weight roundings, rtn and gptq, produce)."""
+    return fmt.weights.startswith("int")
+
+
+def layer_needs_stats(config: DuQuantConfig, fmt: formats.Format) -> str | None:
+    """Why a layer of format `fmt` needs calibration statistics under `config` (None: it does not). A format
+    without an online transform (w4a16) skips the method, so only its weight rounding can need them."""
+    if fmt.online_transform and registry.method(config.method).needs_activations:
+        return f"method {config.method!r}"
+    if integer_weights(fmt) and registry.rounding(config.weight_rounding).needs_activations:
+        return f"weight rounding {config.weight_rounding!r}"
+    if fmt.abits != 16 and (config.act_pct or (config.act_static and fmt.activations.startswith("int"))):
+        return "act_static / act_pct"
+    if integer_weights(fmt) and config.clip_search:
+        return "clip_search"  # falls back to the weight MSE without statistics (documented), never required
+    return None
+
+
+def check_layer_formats(config: DuQuantConfig, layer_formats: dict[str, formats.Format]) -> list[str]:
+    """Settings a layer's format cannot take are a ConfigError naming the layers; returns the warning lines (one
+    per kind of skipped setting) for the caller to print."""
+    non_int = [n for n, f in layer_formats.items() if not integer_weights(f)]
+    if non_int:
+        fmt_names = sorted({layer_formats[n].name for n in non_int})
+        bad = [why for why, on in (
+            (f"--weight-rounding {config.weight_rounding} (GPTQ rounds to an integer grid)",
+             config.weight_rounding != "rtn"),
+            ("--clip-search (a per-channel integer clip)", config.clip_search),
+            ("--w-group-size (one scale per output channel)", config.w_group_size is not None)) if on]
+        if bad:
+            raise ConfigError(f"{len(non_int)} selected layers (e.g. {non_int[0]}) have format {', '.join(fmt_names)} "
+                              f"({layer_formats[non_int[0]].weights} weights), which cannot take "
+                              f"{'; '.join(bad)}: drop it, or give those layers an integer format "
+                              "(--format-overrides)")
+    warnings = []
+    skipped = [n for n, f in layer_formats.items() if not f.online_transform]
+    if skipped and config.method != "rtn":
+        fmt_names = sorted({layer_formats[n].name for n in skipped})
+        warnings.append(f"[duquant] method {config.method} skipped on {len(skipped)} layers of weight-only format "
+                        f"{', '.join(fmt_names)} (no activation transform: identity; weights rounded by "
+                        f"{config.weight_rounding}), e.g. {skipped[0]}")
+    return warnings
 
 
 @dataclass
@@ -50,6 +96,9 @@ class LayerRecord:
     bytes_before: int
     bytes_after: int
     act_clip: float
+    format: str = ""  # the layer's format name (duquant.formats): w4a8, w4a16, w8a8-fp8, ...
+    format_label: str = ""  # Format.label(): "w4a16 (int4 weights, bf16 activations)"
+    weight_rounding: str = "rtn"
 
 
 @dataclass
@@ -80,6 +129,16 @@ class QuantReport:
     def part_counts(self) -> dict[str, int]:
         return part_counts([r.name for r in self.layers])
 
+    def format_counts(self) -> dict[str, dict[str, int]]:
+        """{part: {format label: layers}} (parts as in part_counts; parts without layers left out)."""
+        from duquant.selection import part_of
+
+        out: dict[str, dict[str, int]] = {}
+        for r in self.layers:
+            per = out.setdefault(part_of(r.name), {})
+            per[r.format_label] = per.get(r.format_label, 0) + 1
+        return out
+
     def summary(self) -> str:
         if self.dryrun:
             return f"dry run: {len(self.lines)} layers would be quantized"
@@ -88,6 +147,8 @@ class QuantReport:
                f"({', '.join(f'{k} {v}' for k, v in self.part_counts().items() if v)})",
                f"transform: {', '.join(kinds)}; weights {self.bytes_before / 2**20:.2f} MiB -> "
                f"{self.bytes_after / 2**20:.2f} MiB",
+               "formats: " + "; ".join(f"{part}: " + ", ".join(f"{label} x{n}" for label, n in per.items())
+                                       for part, per in self.format_counts().items()),
                f"calibration {self.calibration_seconds:.2f} s, quantization {self.quantization_seconds:.2f} s, "
                f"packs: {self.pack_hits} reused, {self.pack_misses} computed"]
         for name, why in self.stale[:5]:
@@ -98,6 +159,7 @@ class QuantReport:
         d = asdict(self)
         d["bytes_before"] = self.bytes_before
         d["bytes_after"] = self.bytes_after
+        d["formats"] = self.format_counts()
         return d
 
     def to_json(self) -> str:
@@ -130,6 +192,10 @@ def quantize(model: nn.Module, config: DuQuantConfig | None = None,
     report = QuantReport(config=config.to_dict(), total_linear=selection.total_linear)
     if config.debug and verbose:
         _log(selection_summary(model, selection, config))
+    layer_formats = {n: config.layer_format_spec(n) for n in selection.names}
+    for line in check_layer_formats(config, layer_formats):
+        if verbose:
+            _log(line)
     if config.dryrun:
         report.dryrun = True
         report.lines = [layer_line(n, m, config) for n, m in selection.modules.items()]
@@ -153,6 +219,8 @@ def quantize(model: nn.Module, config: DuQuantConfig | None = None,
         for name, module in selection.modules.items():
             meta, why = store.check(name, config_hash=config.layer_hash(name),
                                     shape=(module.out_features, module.in_features), fingerprint=fingerprints[name])
+            if meta is not None and meta.get("format", layer_formats[name].name) != layer_formats[name].name:
+                meta, why = None, f"format {meta['format']} != {layer_formats[name].name}"
             if meta is not None:
                 group = meta.get("group", [name])
                 if any(g not in fingerprints for g in group):
@@ -175,7 +243,11 @@ def quantize(model: nn.Module, config: DuQuantConfig | None = None,
 
     # 2. Calibration, only for what the packs did not provide.
     calib: CalibrationResult | None = None
-    needs_stats = needs_calibration(config) or config.clip_search
+    # Per layer: a weight-only format (w4a16) needs statistics only for its weight rounding (GPTQ). When any layer
+    # needs them, every layer to quantize is recorded (its group, layers fed one input, then shares one transform
+    # object, identity ones included: the gpu backend runs a group as one GEMM).
+    why_stats = {n: why for n in todo if (why := layer_needs_stats(config, layer_formats[n]))}
+    needs_stats = bool(why_stats)
     built: dict[str, tuple[DuQuantLinear, dict]] = {}
     if todo and needs_stats and config.sequential:
         if calibrate is None:
@@ -184,24 +256,24 @@ def quantize(model: nn.Module, config: DuQuantConfig | None = None,
         built, report.calibration_seconds, report.quantization_seconds = _quantize_sequential(
             model, todo, calibrate, config, calibration, transforms, progress)
     elif todo and needs_stats and calibration is not None:
-        missing = [n for n in todo if n not in calibration.stats]
+        missing = [n for n in why_stats if n not in calibration.stats]
         if missing:
             raise ValueError(f"the calibration passed in has no statistics for {len(missing)} selected layers, "
                              f"e.g. {missing[:3]}; record it over a superset of the selection")
         groups = [[n for n in g if n in todo] for g in calibration.groups]
-        calib = CalibrationResult({n: calibration.stats[n] for n in todo}, [g for g in groups if g], 0.0)
+        calib = CalibrationResult({n: calibration.stats[n] for n in todo if n in calibration.stats},
+                                  _cover([g for g in groups if g], todo), 0.0)
     elif todo and needs_stats and calibrate is not None:
         calib = run_calibration(model, todo, calibrate, max_tokens=config.calib_tokens, seed=config.seed,
                                 hessian=_wants_hessian(config))
         report.calibration_seconds = calib.seconds
-    elif todo and needs_calibration(config):
+    elif todo and any(why != "clip_search" for why in why_stats.values()):
         # Never a quiet weight-only DuQuant: its rotations would be built for the weights, not the activations.
         # (clip_search alone falls back to the weight MSE, as documented.)
-        needs = (f"method {config.method!r}" if config.method in NEEDS_ACTIVATIONS else
-                 f"weight rounding {config.weight_rounding!r}"
-                 if registry.rounding(config.weight_rounding).needs_activations else "act_static / act_pct")
-        raise ValueError(f"{needs} needs activation statistics for {len(todo)} layers without a pack (e.g. "
-                         f"{next(iter(todo))}): pass calibrate=fn (runs your calibration forward passes) or "
+        required = [n for n, why in why_stats.items() if why != "clip_search"]
+        needs = why_stats[required[0]]
+        raise ValueError(f"{needs} needs activation statistics for {len(required)} layers without a pack (e.g. "
+                         f"{required[0]}): pass calibrate=fn (runs your calibration forward passes) or "
                          "calibration=<duquant.calibration.calibrate(...)>, or point packdir at packs written by "
                          "a calibrated run (duquant quantize); method 'rtn' or 'hadamard' needs no calibration")
 
@@ -224,7 +296,7 @@ def quantize(model: nn.Module, config: DuQuantConfig | None = None,
             path = store.save(name, layer_tensors(layer), meta)
             manifest[name] = {"file": path.name, "config_hash": meta["config_hash"],
                               "weight_fingerprint": fingerprints[name], "transform_kind": meta["transform_kind"],
-                              "weight_rounding": meta["weight_rounding"]}
+                              "weight_rounding": meta["weight_rounding"], "format": meta["format"]}
         loaded[name] = layer
     if store is not None and manifest:
         store.write_manifest(manifest)
@@ -239,14 +311,29 @@ def quantize(model: nn.Module, config: DuQuantConfig | None = None,
         _set_module(model, name, new)
         report.layers.append(LayerRecord(
             name=name, in_features=old.in_features, out_features=old.out_features, wbits=new.wbits,
-            abits=new.abits, method=config.method, transform_kind=new.transform.kind,
+            abits=new.abits, method=new.method, transform_kind=new.transform.kind,
             group=getattr(new, "group", [name]), from_pack=name not in todo,
             bytes_before=old.weight.numel() * old.weight.element_size()
             + (0 if old.bias is None else old.bias.numel() * old.bias.element_size()),
-            bytes_after=new.weight_bytes(), act_clip=new.act_clip))
+            bytes_after=new.weight_bytes(), act_clip=new.act_clip, format=new.format,
+            format_label=new.fmt.label(), weight_rounding=getattr(new, "weight_rounding", config.weight_rounding)))
     if verbose:
         _log("[duquant] " + report.summary().replace("\n", "\n[duquant] "))
     return report
+
+
+def _cover(groups: list[list[str]], names) -> list[list[str]]:
+    """`groups` plus a singleton for every name none of them holds (layers a calibration did not record)."""
+    held = {n for g in groups for n in g}
+    return groups + [[n] for n in names if n not in held]
+
+
+def split_by_transform(group: list[str], config: DuQuantConfig) -> list[list[str]]:
+    """A group of layers fed one input, split by whether their formats take an online transform: the weight-only
+    members (w4a16) share an identity transform, the others the method's."""
+    online = [n for n in group if config.layer_format_spec(n).online_transform]
+    offline = [n for n in group if n not in online]
+    return [g for g in (online, offline) if g]
 
 
 def _wants_hessian(config: DuQuantConfig) -> bool:
@@ -261,9 +348,10 @@ def _quantize_groups(groups: list[list[str]], todo: dict[str, nn.Linear], calib:
 
     if not config.share_transforms:
         groups = [[n] for g in groups for n in g]
+    groups = [part for g in groups for part in split_by_transform(g, config)]
     built = {}
     for group in tqdm(groups, desc=f"quantize ({config.method})", disable=not progress, leave=False):
-        stats = calib.stats[group[0]] if calib is not None else None
+        stats = calib.stats.get(group[0]) if calib is not None else None  # None: a layer not recorded
         layers, metas = quantize_group(group, {n: todo[n] for n in group}, stats, config, transforms=transforms)
         for n in group:
             built[n] = (layers[n], metas[n])
@@ -344,28 +432,47 @@ def transformed_hessian(transform: LayerTransform, stats: LayerStats | None, x_t
 def quantize_group(names: list[str], modules: dict[str, nn.Linear], stats: LayerStats | None,
                    config: DuQuantConfig, transforms: dict | None = None
                    ) -> tuple[dict[str, DuQuantLinear], dict[str, dict]]:
-    """One transform for layers that share their input, then each layer's weight folded and rounded by the
-    configured weight rounding (duquant/rounding/), on the layer's device."""
+    """One transform for layers that share their input, then each layer's weight folded and stored in its format
+    (``config.layer_format``): integer weights rounded by the configured weight rounding (duquant/rounding/),
+    others by the format's own quantizer (fp8: round to nearest e4m3), on the layer's device. The members must
+    agree on whether their format takes an online transform (``split_by_transform``); for weight-only formats
+    (w4a16) the transform is the identity, whatever the method."""
     first = modules[names[0]]
     device = first.weight.device
+    specs = {n: config.layer_format_spec(n) for n in names}
+    if len({s.online_transform for s in specs.values()}) > 1:
+        raise ValueError(f"layers {names} mix formats with and without an online transform; split the group first "
+                         "(split_by_transform)")
+    online = specs[names[0]].online_transform
+    method = config.method if online else "rtn"  # rtn: the registered "no transform" method
     sample = stats.sample if stats is not None else None
-    transform = group_transform(names, modules, stats, config, transforms)
+    if online:
+        transform = group_transform(names, modules, stats, config, transforms)
+    else:
+        transform = LayerTransform(first.in_features, config.block_size, kind="identity")
     x_t = transform.apply(sample) if sample is not None else None
     rounding = registry.rounding(config.weight_rounding)
     round_weight = registry.load(rounding.rounder)
-    hessian = transformed_hessian(transform, stats, x_t) if rounding.needs_activations else None
+    hessian = None
+    if rounding.needs_activations and any(integer_weights(f) for f in specs.values()):
+        hessian = transformed_hessian(transform, stats, x_t)
 
-    act_clip = config.activation_clip
+    pct_clip = None
     if config.act_pct is not None and x_t is not None:
-        act_clip = percentile_clip_ratio(x_t, config.act_pct)
-    act_static = None
-    if config.act_static and config.quantize_activations:
-        act_static = static_activation_qparams(x_t, config.abits, config.act_symmetric, clip=act_clip)
+        pct_clip = percentile_clip_ratio(x_t, config.act_pct)
+    static: dict[int, tuple[float, float]] = {}  # activation bits -> static (scale, zero), shared by the group
 
     layers, metas = {}, {}
     for name in names:
         module = modules[name]
-        bits = config.bits_for(name)
+        fmt = specs[name]
+        bits = fmt.wbits
+        act_clip = config.activation_clip_for(fmt.abits) if pct_clip is None or fmt.abits == 16 else pct_clip
+        act_static = None
+        if config.act_static and fmt.activations.startswith("int"):
+            if fmt.abits not in static:
+                static[fmt.abits] = static_activation_qparams(x_t, fmt.abits, config.act_symmetric, clip=act_clip)
+            act_static = static[fmt.abits]
         w_t = transform.fold_into_weight(module.weight.detach().float())
         out_rot = None
         if config.row_rot != "0":
@@ -373,21 +480,29 @@ def quantize_group(names: list[str], modules: dict[str, nn.Linear], stats: Layer
                                               generator=torch.Generator().manual_seed(_seed_for(config, name) + 1))
             w_t = rotate_rows(w_t, out_rot)
         clip: float | torch.Tensor = config.weight_clip(bits)
-        if config.clip_search:
-            clip = search_weight_clip(w_t, x_t, bits, config.w_symmetric)
-        qw = round_weight(w_t, bits=bits, symmetric=config.w_symmetric, clip=clip, group_size=config.w_group_size,
-                          x_t=x_t, hessian=hessian, damp=config.gptq_damp, act_order=config.gptq_act_order)
+        if integer_weights(fmt):
+            if config.clip_search:
+                clip = search_weight_clip(w_t, x_t, bits, config.w_symmetric)
+            qw = round_weight(w_t, bits=bits, symmetric=config.w_symmetric, clip=clip,
+                              group_size=config.w_group_size, x_t=x_t, hessian=hessian, damp=config.gptq_damp,
+                              act_order=config.gptq_act_order)
+            weight_rounding = config.weight_rounding
+        else:  # fp8: the format's own rounding (check_layer_formats refused gptq / clip search / groups)
+            qw = fmt.quantize_weight(w_t, bits=bits, symmetric=config.w_symmetric, clip=clip,
+                                     group_size=config.w_group_size)
+            weight_rounding = "rtn"
         layer = DuQuantLinear(
             module.in_features, module.out_features, qweight=qw, transform=transform, bias=module.bias,
-            abits=config.abits, act_symmetric=config.act_symmetric, act_clip=act_clip, act_static=act_static,
-            method=config.method, backend=config.backend, out_rotation=out_rot)
+            abits=fmt.abits, act_symmetric=config.act_symmetric, act_clip=act_clip, act_static=act_static,
+            method=method, backend=config.backend, out_rotation=out_rot, format=fmt.name)
         layer.group = list(names)
+        layer.weight_rounding = weight_rounding
         layers[name] = layer.to(device)
         metas[name] = {"group": list(names), "transform_kind": transform.kind, "calibrated": stats is not None,
                        "act_clip": act_clip, "act_static": list(act_static) if act_static else None,
-                       "wbits": bits, "w_symmetric": config.w_symmetric, "w_group_size": config.w_group_size,
-                       "abits": config.abits, "act_symmetric": config.act_symmetric, "method": config.method,
-                       "weight_rounding": config.weight_rounding,
+                       "wbits": bits, "w_symmetric": qw.symmetric, "w_group_size": config.w_group_size,
+                       "abits": fmt.abits, "act_symmetric": config.act_symmetric, "method": method,
+                       "format": fmt.name, "weight_rounding": weight_rounding,
                        "block_size": config.block_size, "in_features": module.in_features,
                        "shape": [module.out_features, module.in_features],
                        "out_features": module.out_features}
@@ -420,15 +535,19 @@ def layer_from_pack(tensors: dict[str, torch.Tensor], meta: dict, module: nn.Mod
     out_f, in_f = meta["out_features"], meta["in_features"]
     transform = LayerTransform.from_tensors(tensors, "transform.", in_features=in_f, block_size=meta["block_size"],
                                             kind=meta["transform_kind"])
-    qw = QuantizedWeight.from_packed(tensors["qweight"], tensors["w_scale"], tensors.get("w_zero"),
-                                     bits=meta["wbits"], symmetric=meta["w_symmetric"],
-                                     group_size=meta["w_group_size"], shape=(out_f, in_f))
+    # packs written before formats were selectable hold no "format": the integer format of their bits
+    fmt = formats.get(meta.get("format") or formats.name_for_bits(meta["wbits"], meta["abits"]))
+    stored = SimpleNamespace(qweight=tensors["qweight"], w_scale=tensors["w_scale"], w_zero=tensors.get("w_zero"),
+                             wbits=meta["wbits"], w_symmetric=meta["w_symmetric"], w_group_size=meta["w_group_size"],
+                             out_features=out_f, in_features=in_f)
+    qw = fmt.weight_from_buffers(stored)  # the format's weight container over the stored buffers
     act_static = tuple(meta["act_static"]) if meta.get("act_static") else None
     layer = DuQuantLinear(in_f, out_f, qweight=qw, transform=transform, bias=tensors.get("bias"),
                           abits=meta["abits"], act_symmetric=meta["act_symmetric"], act_clip=meta["act_clip"],
                           act_static=act_static, method=meta["method"], backend=config.backend,
-                          out_rotation=tensors.get("out_rotation"))
+                          out_rotation=tensors.get("out_rotation"), format=fmt.name)
     layer.group = list(meta.get("group", []))
+    layer.weight_rounding = meta.get("weight_rounding", "rtn")
     if module is not None:
         layer = layer.to(module.weight.device)
     return layer

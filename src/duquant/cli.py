@@ -36,6 +36,7 @@ def _model_for_listing(args):
 
 
 def cmd_layers(args) -> int:
+    from duquant.api import check_layer_formats
     from duquant.selection import layer_line, select_layers, selection_summary
 
     cfg = from_args(args)
@@ -43,6 +44,9 @@ def cmd_layers(args) -> int:
     sel = select_layers(model, cfg)
     if cfg.debug:
         print(selection_summary(model, sel, cfg))
+    # settings a layer's format cannot take fail here, as they would in quantize; skipped ones warn on stderr
+    for line in check_layer_formats(cfg, {n: cfg.layer_format_spec(n) for n in sel.names}):
+        print(line, file=sys.stderr)
     for name, module in sel.modules.items():
         print(layer_line(name, module, cfg))
     print(f"Matched Linear layers: {len(sel)}")

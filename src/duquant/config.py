@@ -55,6 +55,12 @@ def default_act_clip(abits: int) -> float:
     return ACT_CLIP if abits <= 4 else 1.0
 
 
+def bits_name(wbits: int, abits: int) -> str:
+    """The integer format's name for a bits setting: w4a8, w8a8, w4a16 (abits 0 or 16); the formats registry's
+    ``name_for_bits``, torch-free."""
+    return f"w{int(wbits)}a{16 if abits in (0, 16) else int(abits)}"
+
+
 @dataclass(frozen=True)
 class Preset:
     """A named part of pi0 / pi0.5 and what selecting it must give."""
@@ -104,6 +110,10 @@ class DuQuantConfig:
     exclude: str | None = None  # None: default_exclude(include_action_head)
     layers: tuple[str, ...] = ()  # explicit whitelist of full names (OPENPI_DUQUANT_LAYERS)
     wbits_overrides: tuple[tuple[str, int], ...] = ()  # (name or regex, bits), OPENPI_DUQUANT_WBITS
+    # A registered format name (duquant.formats: w4a8, w4a16, w8a8-fp8, ...); None: the integer format wbits/abits
+    # mean. Given, it sets wbits/abits (see `format_name` and docs/formats.md for the precedence).
+    format: str | None = None
+    format_overrides: tuple[tuple[str, str], ...] = ()  # (name or regex, format), OPENPI_DUQUANT_FORMAT_OVERRIDES
     preset: str | None = None
     block_size: int = 128
     block_out: int | None = None  # accepted for the fork's scripts; used by row_rot="restore"
@@ -161,6 +171,10 @@ class DuQuantConfig:
         for name, bits in self.wbits_overrides:
             if bits not in WEIGHT_BITS:
                 raise ConfigError(f"OPENPI_DUQUANT_WBITS: bits {bits} for {name!r} not in {list(WEIGHT_BITS)}")
+        if self.format is not None:
+            self._sync_bits_to_format()
+        for name, fmt in self.format_overrides:
+            format_spec(fmt, f"OPENPI_DUQUANT_FORMAT_OVERRIDES / --format-overrides ({name!r})")
         if self.block_size < 2:
             raise ConfigError(f"block size {self.block_size} must be >= 2 (OPENPI_DUQUANT_BLOCK / --block-size)")
         if self.block_out is not None and self.block_out < 2:
@@ -191,12 +205,30 @@ class DuQuantConfig:
             except re.error as err:
                 raise ConfigError(f"OPENPI_DUQUANT_{label} / --{label.lower()} is not a valid regular expression: "
                                   f"{pattern!r} ({err}); escape literal dots as \\. and balance parentheses") from err
-        for name, _ in self.wbits_overrides:
-            if name.startswith("re:"):
-                try:
-                    re.compile(name[3:])
-                except re.error as err:
-                    raise ConfigError(f"OPENPI_DUQUANT_WBITS: bad regex {name!r}: {err}") from err
+        for label, overrides in (("OPENPI_DUQUANT_WBITS", self.wbits_overrides),
+                                 ("OPENPI_DUQUANT_FORMAT_OVERRIDES", self.format_overrides)):
+            for name, _ in overrides:
+                if name.startswith("re:"):
+                    try:
+                        re.compile(name[3:])
+                    except re.error as err:
+                        raise ConfigError(f"{label}: bad regex {name!r}: {err}") from err
+
+    def _sync_bits_to_format(self) -> None:
+        """`format` fixes wbits / abits: left at their defaults they take the format's values; set to others, the
+        config is contradictory (from_sources resolves flags against environment before this)."""
+        fmt = format_spec(self.format, "OPENPI_DUQUANT_FORMAT / --format")
+        object.__setattr__(self, "format", fmt.name)
+        have = (self.wbits, 16 if self.abits in (0, 16) else self.abits)
+        if have == (fmt.wbits, fmt.abits):
+            return
+        if (self.wbits, self.abits) != (_DEFAULT_WBITS, _DEFAULT_ABITS):
+            acts = "float" if fmt.abits == 16 else f"{fmt.abits}-bit"
+            raise ConfigError(f"format {fmt.name} means {fmt.wbits}-bit weights and {acts} activations, but "
+                              f"wbits={self.wbits}, abits={self.abits} were given; give --format or --wbits/--abits, "
+                              "not both")
+        object.__setattr__(self, "wbits", fmt.wbits)
+        object.__setattr__(self, "abits", fmt.abits)
 
     # ---- derived values -------------------------------------------------------------------------------------
     @property
@@ -230,17 +262,43 @@ class DuQuantConfig:
 
     @property
     def bits_label(self) -> str:
-        return f"w{self.wbits}a{self.abits if self.quantize_activations else 16}"
+        return bits_name(self.wbits, self.abits)
+
+    @property
+    def format_name(self) -> str:
+        """The global format: `format` when given, else the integer format wbits/abits mean (w4a8, w4a16, ...)."""
+        return self.format or self.bits_label
+
+    def layer_format(self, name: str) -> str:
+        """One layer's format name: its `format_overrides` entry (exact name, then the first matching `re:`), else
+        the global format, with the layer's `wbits_overrides` bits when it has some (integer formats only)."""
+        fmt = lookup_override(self.format_overrides, name)
+        if fmt is not None:
+            return format_spec(fmt).name
+        bits = lookup_override(self.wbits_overrides, name)
+        if bits is None or bits == self.wbits:
+            return self.format_name
+        if self.format_name != self.bits_label:
+            raise ConfigError(f"OPENPI_DUQUANT_WBITS / --wbits-overrides gives {name} {bits}-bit weights, but its "
+                              f"format {self.format_name} has fixed bits; give that layer a format with "
+                              "--format-overrides instead")
+        return bits_name(bits, self.abits)
+
+    def layer_format_spec(self, name: str):
+        """The registered ``duquant.formats.Format`` of one layer (imports the formats registry, and torch)."""
+        return format_spec(self.layer_format(name))
 
     def bits_for(self, name: str) -> int:
-        """Weight bits for one layer: exact override, then the first matching `re:` override, then wbits."""
-        for key, bits in self.wbits_overrides:
-            if key == name:
-                return bits
-        for key, bits in self.wbits_overrides:
-            if key.startswith("re:") and re.search(key[3:], name):
-                return bits
-        return self.wbits
+        """Weight bits for one layer: those of its format override, else its exact `wbits_overrides` entry, then
+        the first matching `re:` entry, then wbits."""
+        if lookup_override(self.format_overrides, name) is not None:
+            return self.layer_format_spec(name).wbits
+        bits = lookup_override(self.wbits_overrides, name)
+        return self.wbits if bits is None else bits
+
+    def activation_clip_for(self, abits: int) -> float:
+        """The per-token activation clip of a layer whose format has `abits`-bit activations."""
+        return self.act_clip if self.act_clip is not None else default_act_clip(abits)
 
     def replace(self, **changes) -> DuQuantConfig:
         return dataclasses.replace(self, **changes)
@@ -258,6 +316,7 @@ class DuQuantConfig:
         d = dataclasses.asdict(self)
         d["layers"] = list(self.layers)
         d["wbits_overrides"] = [list(x) for x in self.wbits_overrides]
+        d["format_overrides"] = [list(x) for x in self.format_overrides]
         return d
 
     @classmethod
@@ -271,6 +330,8 @@ class DuQuantConfig:
             data["layers"] = tuple(data["layers"])
         if "wbits_overrides" in data:
             data["wbits_overrides"] = tuple((str(k), int(v)) for k, v in data["wbits_overrides"])
+        if "format_overrides" in data:
+            data["format_overrides"] = tuple((str(k), str(v)) for k, v in data["format_overrides"])
         return cls(**data)
 
     def layer_hash(self, name: str) -> str:
@@ -280,6 +341,12 @@ class DuQuantConfig:
         relevant["alpha"] = self.smoothing_alpha
         relevant["w_clip"] = self.weight_clip(relevant["wbits"])
         relevant["act_clip"] = self.activation_clip
+        fmt = self.layer_format(name)
+        if fmt != bits_name(relevant["wbits"], self.abits) or not format_spec(fmt).online_transform:
+            # The layer's format, whenever it is not the integer format its bits always meant (packs written
+            # before formats were selectable stay valid): a w4a8 pack is never reused as w4a16 or fp8.
+            relevant["format"] = fmt
+            relevant["act_clip"] = self.activation_clip_for(format_spec(fmt).abits)
         for key, default in _PACK_FIELDS_SINCE_ROUNDING.items():  # only when set: older packs stay valid
             if relevant.get(key) == default:
                 relevant.pop(key)
@@ -295,7 +362,25 @@ class DuQuantConfig:
 
     @classmethod
     def from_sources(cls, env_values: Mapping, overrides: Mapping) -> DuQuantConfig:
-        merged = {**env_values, **{k: v for k, v in overrides.items() if v is not None}}
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        env_values = dict(env_values)
+        # `format` and wbits/abits are one setting: the higher source's wins whole (a --format flag overrides
+        # OPENPI_DUQUANT_WBITS_DEFAULT / _ABITS, a --wbits flag overrides OPENPI_DUQUANT_FORMAT); within one
+        # source, a format and bits that disagree are an error (_sync_bits_to_format).
+        if "format" in overrides:
+            env_values.pop("wbits", None)
+            env_values.pop("abits", None)
+        elif "wbits" in overrides or "abits" in overrides:
+            env_values.pop("format", None)
+        for source, where in ((env_values, "OPENPI_DUQUANT_FORMAT and OPENPI_DUQUANT_WBITS_DEFAULT / _ABITS"),
+                              (overrides, "--format and --wbits / --abits")):
+            if source.get("format") is not None and ("wbits" in source or "abits" in source):
+                fmt = format_spec(source["format"], "OPENPI_DUQUANT_FORMAT / --format")
+                abits = source.get("abits", fmt.abits)
+                if (source.get("wbits", fmt.wbits), 16 if abits in (0, 16) else abits) != (fmt.wbits, fmt.abits):
+                    raise ConfigError(f"{where} disagree: format {fmt.name} is w{fmt.wbits}a{fmt.abits}, got "
+                                      f"wbits={source.get('wbits', fmt.wbits)}, abits={abits}; give one of them")
+        merged = {**env_values, **overrides}
         preset = merged.get("preset")
         if preset is not None:
             if preset not in PRESETS:
@@ -314,6 +399,31 @@ _PACK_FIELDS = {"method", "wbits", "abits", "block_size", "block_out", "permute"
 # Added after packs were first written: hashed only when not at their default.
 _PACK_FIELDS_SINCE_ROUNDING = {"weight_rounding": "rtn", "gptq_damp": 0.01, "gptq_act_order": False,
                                "sequential": False}
+
+
+_DEFAULT_WBITS = DuQuantConfig.wbits
+_DEFAULT_ABITS = DuQuantConfig.abits
+
+
+def format_spec(name: str, where: str = "format"):
+    """The registered ``duquant.formats.Format`` called `name` (loaded through the registry: imports torch), or a
+    ConfigError listing the known names."""
+    try:
+        return registry.get_format(name)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def lookup_override(overrides, name: str):
+    """The value of `name` in (key, value) overrides: an exact key first, then the first `re:<regex>` key that
+    matches (re.search); None when none applies. Shared by wbits_overrides and format_overrides."""
+    for key, value in overrides:
+        if key == name:
+            return value
+    for key, value in overrides:
+        if key.startswith("re:") and re.search(key[3:], name):
+            return value
+    return None
 
 
 # ---- environment -------------------------------------------------------------------------------------------------
@@ -345,15 +455,27 @@ def parse_layer_list(var: str, value: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in value.replace("\n", ",").split(",") if x.strip())
 
 
-def parse_wbits_overrides(var: str, value: str) -> tuple[tuple[str, int], ...]:
-    """`name:bits,name2:bits` (a name may be `re:<regex>`; the last colon separates the bits)."""
+def parse_overrides(var: str, value: str, convert=lambda var, x: x.strip(), example: str = "4") -> tuple:
+    """Per-layer overrides `name:value,name2:value` (a name may be `re:<regex>`; the last colon separates the
+    value, which `convert(var, text)` parses). The one parser of --wbits-overrides and --format-overrides."""
     out = []
     for item in parse_layer_list(var, value):
-        name, sep, bits = item.rpartition(":")
-        if not sep or not name:
-            raise ConfigError(f"{var}: entry {item!r} must look like 'layer.name:4' (comma-separated)")
-        out.append((name.strip(), _int(var, bits)))
+        name, sep, val = item.rpartition(":")
+        if not sep or not name or not val.strip():
+            raise ConfigError(f"{var}: entry {item!r} must look like 'layer.name:{example}' or "
+                              f"'re:<regex>:{example}' (comma-separated)")
+        out.append((name.strip(), convert(var, val)))
     return tuple(out)
+
+
+def parse_wbits_overrides(var: str, value: str) -> tuple[tuple[str, int], ...]:
+    """`name:bits,name2:bits` (a name may be `re:<regex>`; the last colon separates the bits)."""
+    return parse_overrides(var, value, _int, "4")
+
+
+def parse_format_overrides(var: str, value: str) -> tuple[tuple[str, str], ...]:
+    """`name:format,re:<regex>:format` (e.g. `re:gemma_expert:w4a16`); names are checked when the config is built."""
+    return parse_overrides(var, value, lambda v, x: x.strip().lower(), "w4a16")
 
 
 # variable suffix -> (field, parser). None as field: accepted for compatibility, has no effect here.
@@ -367,6 +489,10 @@ ENV_VARS: dict[str, tuple[str | None, object, str]] = {
     "WBITS_DEFAULT": ("wbits", _int, "weight bits for every selected layer (2, 3, 4, 8)"),
     "WBITS": ("wbits_overrides", parse_wbits_overrides, "per-layer weight bits 'name:bits,...'"),
     "ABITS": ("abits", _int, "activation bits (8, 4; 0 or 16 = float activations)"),
+    "FORMAT": ("format", lambda v, x: x.strip().lower(), "quantization format of every selected layer (w4a8, "
+               "w4a16, w8a8-fp8, ...; sets the weight and activation bits)"),
+    "FORMAT_OVERRIDES": ("format_overrides", parse_format_overrides,
+                         "per-layer formats 'name:format,re:<regex>:format'"),
     "BLOCK": ("block_size", _int, "rotation block size (paper 128; the fork's scripts use 16 or 64)"),
     "BLOCK_OUT": ("block_out", _int, "output-side block size for ROW_ROT=restore"),
     "PERMUTE": ("permute", _bool, "zigzag permutation between the two rotations (1/0)"),
@@ -440,6 +566,13 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--wbits-overrides", type=lambda s: parse_wbits_overrides("--wbits-overrides", s),
                    help="per-layer bits 'name:bits,re:<regex>:bits' [WBITS]")
     g.add_argument("--abits", type=int, help="activation bits 8|4, 0/16 = float (default 8) [ABITS]")
+    g.add_argument("--format", type=lambda s: s.strip().lower(),
+                   help="format of every selected layer: w{2,3,4,8}a{4,8}, w{2,3,4,8}a16 (weight-only, no "
+                        "activation transform), w8a8-fp8; sets --wbits/--abits (default: what they mean, w4a8) "
+                        "[FORMAT]")
+    g.add_argument("--format-overrides", type=lambda s: parse_format_overrides("--format-overrides", s),
+                   help="per-layer formats 'name:fmt,re:<regex>:fmt', e.g. 're:gemma_expert:w4a16' "
+                        "[FORMAT_OVERRIDES]")
     g.add_argument("--block-size", type=int, help="rotation block size (default 128) [BLOCK]")
     g.add_argument("--block-out", type=int, help="output block size for --row-rot restore [BLOCK_OUT]")
     g.add_argument("--permute", type=lambda s: _bool("--permute", s), help="zigzag permutation 1|0 [PERMUTE]")
@@ -485,4 +618,5 @@ def describe_env() -> list[tuple[str, str, str]]:
 
 
 __all__ = ["DuQuantConfig", "ConfigError", "Preset", "PRESETS", "PART_SCOPES", "DEFAULT_INCLUDE", "default_exclude",
-           "parse_env", "env_is_active", "add_cli_args", "from_args", "describe_env"]
+           "parse_env", "env_is_active", "add_cli_args", "from_args", "describe_env", "format_spec",
+           "lookup_override", "parse_overrides"]

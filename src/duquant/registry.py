@@ -5,7 +5,9 @@ Adding a method or a rounding is one module (``duquant/methods/<name>.py`` with 
 Everything else (config validation, CLI choices, ``build_transform``, which methods need calibration data, the
 report's method list, pack keys) reads these tables.
 
-Torch-free on purpose (config.py imports it); implementations are imported lazily by their dotted path.
+Torch-free on purpose (config.py imports it); implementations are imported lazily by their dotted path. The
+quantization formats have their own registry (``duquant.formats``, which needs torch); ``get_format`` /
+``format_names`` reach it lazily, so config validation can name them without importing torch up front.
 """
 
 from __future__ import annotations
@@ -69,6 +71,18 @@ def rounding(name: str) -> RoundingSpec:
         return ROUNDINGS[name]
     except KeyError:
         raise ValueError(f"unknown weight rounding {name!r}; use one of {', '.join(ROUNDINGS)}") from None
+
+
+FORMATS = "duquant.formats"  # the formats registry (names(), get(name)), imported on first use
+
+
+def get_format(name: str):
+    """The registered ``duquant.formats.Format`` called `name`; ValueError (listing the known names) otherwise."""
+    return load(f"{FORMATS}:get")(name)
+
+
+def format_names() -> list[str]:
+    return load(f"{FORMATS}:names")()
 
 
 def load(path: str) -> Callable:

@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from duquant import __version__, registry
-from duquant.api import _set_module, quantize
+from duquant import __version__, formats, registry
+from duquant.api import _set_module, integer_weights, quantize
 from duquant.calibration import ActivationRecorder, CalibrationResult, calibrate
-from duquant.config import PRESETS, DuQuantConfig
+from duquant.config import PRESETS, DuQuantConfig, bits_name
 from duquant.quantizers import relative_error
 from duquant.selection import select_layers
 
@@ -40,6 +40,52 @@ def variant_label(method: str, rounding: str = "rtn", calibration: str = "one-pa
     """A row's method with its options: "duquant", "duquant+gptq", "duquant+gptq+seq"."""
     return method + ("" if rounding == "rtn" else f"+{rounding}") + ("+seq" if calibration == "sequential" else "")
 PARTS = ("llm", "dit", "vision", "full")
+
+
+# The formats --format-rows adds to --bits: the weight-only w4a16 (no activation transform: one row per weight
+# rounding) and FP8 (every method's transform, e4m3 weights and activations). Not in the default report: the 24
+# extra rows take it from ~31-34 s to ~44-54 s on 2 CPU cores (the default stays under ~40 s).
+FORMAT_ROWS = ("w4a16", "w8a8-fp8")
+# Weight roundings of the rows when --weight-roundings is not given: a weight-only format has no transform to
+# compare, so its rows compare the roundings; a non-integer format (fp8) has its own rounding only.
+WEIGHT_ONLY_ROUNDINGS = ("rtn", "gptq")
+
+
+def parse_formats(text: str) -> list[str]:
+    """'w4a8,w4a16,w8a8-fp8' -> registered format names (duquant.formats); 'w4a0' means w4a16. An unknown name is
+    a ValueError listing the known ones."""
+    out = []
+    for item in text.lower().replace(" ", "").split(","):
+        if not item:
+            continue
+        if item in formats.names():
+            out.append(item)
+            continue
+        try:
+            (w, a), = parse_bits(item)  # w4a0 and other spellings of an integer format
+        except ValueError:
+            raise ValueError(f"unknown format {item!r} in --bits; known: {', '.join(formats.names())}") from None
+        out.append(formats.get(bits_name(w, a)).name)
+    if not out:
+        raise ValueError("--bits is empty; write e.g. w4a8,w4a16,w8a8-fp8")
+    return out
+
+
+def format_rows(fmt_names: Sequence[str], methods: Sequence[str], roundings: Sequence[str] | None
+                ) -> list[tuple[str, str, str]]:
+    """(format, method, weight rounding) of every row: an online-transform format runs every method with every
+    rounding its weights take (fp8: its own); a weight-only format (w4a16) runs no transform, so it gets one row
+    per rounding (method "rtn", the registered "no transform") whatever the methods. `roundings` None: rtn, and
+    rtn + gptq for weight-only formats."""
+    out = []
+    for name in fmt_names:
+        fmt = formats.get(name)
+        if fmt.online_transform:
+            rs = list(roundings or ["rtn"]) if integer_weights(fmt) else ["rtn"]
+            out += [(name, m, r) for m in methods for r in rs]
+        else:
+            out += [(name, "rtn", r) for r in (roundings or WEIGHT_ONLY_ROUNDINGS)]
+    return list(dict.fromkeys(out))
 
 
 def parse_bits(text: str) -> list[tuple[int, int]]:
@@ -104,20 +150,23 @@ def layer_errors(quant_model: nn.Module, originals: dict[str, nn.Module], sample
 
 
 def run_rows(model: nn.Module, *, targets: Sequence[Target], methods: Sequence[str],
-             bits: Sequence[tuple[int, int]], calibrate_fn: Callable[[nn.Module], None], eval_inputs: list,
+             bits: Sequence[tuple[int, int] | str], calibrate_fn: Callable[[nn.Module], None], eval_inputs: list,
              forward: Callable[[nn.Module, Any, int], Any],
              base: DuQuantConfig | None = None, progress: bool = True, packdir: str | None = None,
-             layer_tokens: int = 256, roundings: Sequence[str] = ("rtn",),
+             layer_tokens: int = 256, roundings: Sequence[str] | None = ("rtn",),
              calibrations: Sequence[str] = ("one-pass",)) -> tuple[list[dict], dict]:
-    """The measurement loop shared by the pi0 report and report_model: bits x parts x methods x weight roundings x
-    calibration modes, every row from the same float model and the same calibration data. One-pass rows share
-    one recorded calibration (and the transforms built from it, across bit widths and parts); sequential rows
-    rerun `calibrate_fn` block by block (its first pass is the shared one)."""
+    """The measurement loop shared by the pi0 report and report_model: formats x parts x methods x weight
+    roundings x calibration modes, every row from the same float model and the same calibration data. `bits`
+    holds (wbits, abits) pairs or format names (w8a8-fp8, w4a16: ``format_rows`` says which methods and
+    roundings each gets). One-pass rows share one recorded calibration (and the transforms built from it, across
+    formats and parts); sequential rows rerun `calibrate_fn` block by block (its first pass is the shared one)."""
     for mode in calibrations:
         if mode not in CALIBRATION_MODES:
             raise ValueError(f"unknown calibration mode {mode!r}; use {' or '.join(CALIBRATION_MODES)}")
-    for r in roundings:
+    for r in roundings or ():
         registry.rounding(r)
+    fmt_names = [b if isinstance(b, str) else bits_name(*b) for b in bits]
+    variants = format_rows(fmt_names, methods, roundings)
     from tqdm.auto import tqdm
 
     base = base or DuQuantConfig()
@@ -135,7 +184,7 @@ def run_rows(model: nn.Module, *, targets: Sequence[Target], methods: Sequence[s
         configs[t.name] = cfg
         union.update(sel.modules)
     union = {n: union[n] for n, _ in model.named_modules() if n in union}
-    gptq = any(registry.rounding(r).needs_activations for r in roundings)
+    gptq = any(registry.rounding(r).needs_activations for _, _, r in variants)
     calib: CalibrationResult = calibrate(model, union, calibrate_fn, max_tokens=base.calib_tokens, seed=base.seed,
                                          hessian=gptq)
     with ActivationRecorder(union, max_tokens=layer_tokens, seed=base.seed + 99) as rec, torch.no_grad():
@@ -146,16 +195,19 @@ def run_rows(model: nn.Module, *, targets: Sequence[Target], methods: Sequence[s
 
     rows = []
     transforms: dict = {}  # built transforms, shared by the one-pass rows (they do not depend on the bits)
-    runs = [(b, t, m, r, c) for b in bits for t in targets for m in methods for r in roundings for c in calibrations]
+    runs = [(f, t, m, r, c) for f in fmt_names for t in targets
+            for (f2, m, r) in variants if f2 == f for c in calibrations]
     bar = tqdm(runs, desc="report", disable=not progress)
-    for (wbits, abits), target, method, rounding, mode in bar:
+    for fmt_name, target, method, rounding, mode in bar:
+        fmt = formats.get(fmt_name)
+        wbits, abits = fmt.wbits, fmt.abits
         label = variant_label(method, rounding, mode)
-        bar.set_postfix_str(f"w{wbits}a{abits} {target.name} {label}")
+        bar.set_postfix_str(f"{fmt_name} {target.name} {label}")
         sequential = mode == "sequential"
-        cfg = configs[target.name].replace(method=method, wbits=wbits, abits=abits, packdir=None,
+        cfg = configs[target.name].replace(method=method, format=fmt_name, wbits=wbits, abits=abits, packdir=None,
                                            weight_rounding=rounding, sequential=sequential)
         if packdir:
-            cfg = cfg.replace(packdir=str(Path(packdir) / f"{target.name}-{label}-w{wbits}a{abits}"))
+            cfg = cfg.replace(packdir=str(Path(packdir) / f"{target.name}-{label}-{fmt_name}"))
         sel = select_layers(model, cfg)
         originals = dict(sel.modules)
         try:
@@ -176,7 +228,7 @@ def run_rows(model: nn.Module, *, targets: Sequence[Target], methods: Sequence[s
         after = rep.bytes_after
         rows.append({
             "part": target.name, "method": method, "weight_rounding": rounding, "calibration": mode,
-            "label": label, "bits": f"w{wbits}a{abits if abits not in (0, 16) else 16}",
+            "label": label, "bits": fmt_name, "format": fmt_name, "format_label": fmt.label(),
             "wbits": wbits, "abits": abits, "num_layers": len(rep.layers),
             "action_rel_mse": rel_mse, "action_max_abs": float((pred - ref).abs().max()),
             "layer_rel_err_mean": float(sum(lerr.values()) / max(1, len(lerr))),
@@ -194,8 +246,9 @@ def run_rows(model: nn.Module, *, targets: Sequence[Target], methods: Sequence[s
 
 def report_model(model: nn.Module, make_inputs: Callable[[int], Any], forward: Callable[[nn.Module, Any], Any], *,
                  targets: Sequence[Target] | None = None, methods: Sequence[str] = METHODS,
-                 bits: Sequence[tuple[int, int]] = ((4, 8),), calib_batches: int = 8, eval_batches: int = 4,
-                 base: DuQuantConfig | None = None, progress: bool = False, roundings: Sequence[str] = ("rtn",),
+                 bits: Sequence[tuple[int, int] | str] = ((4, 8),), calib_batches: int = 8, eval_batches: int = 4,
+                 base: DuQuantConfig | None = None, progress: bool = False,
+                 roundings: Sequence[str] | None = ("rtn",),
                  calibrations: Sequence[str] = ("one-pass",)) -> dict:
     """Layer-error and output-error report for any nn.Module built from nn.Linear.
 
@@ -263,9 +316,14 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="duquant_report", help="output directory (report.json, report.md, report.png)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts of {list(PARTS)}")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated methods of {list(METHODS)}")
-    p.add_argument("--bits", default="w4a8", help="comma-separated settings, e.g. w4a8,w4a4,w8a8 (default w4a8)")
-    p.add_argument("--weight-roundings", default="rtn",
-                   help=f"comma-separated weight roundings of {list(registry.ROUNDINGS)} (default rtn)")
+    p.add_argument("--bits", default="w4a8",
+                   help="comma-separated formats, e.g. w4a8,w4a4,w8a8,w4a16,w8a8-fp8 (default w4a8)")
+    p.add_argument("--format-rows", action="store_true",
+                   help=f"add the rows of {', '.join(FORMAT_ROWS)} (weight-only: rtn and gptq rounding; fp8: every "
+                        "method) to --bits (pi0 report; 24 rows, ~11-20 s more on 2 CPU cores)")
+    p.add_argument("--weight-roundings", default=None,
+                   help=f"comma-separated weight roundings of {list(registry.ROUNDINGS)} (default rtn; weight-only "
+                        "formats such as w4a16: rtn,gptq)")
     p.add_argument("--calibrations", default="one-pass",
                    help="comma-separated calibration modes: one-pass, sequential (default one-pass)")
     p.add_argument("--calib", help="calibration observations (.safetensors/.npz) or a LeRobot dataset directory "
@@ -288,8 +346,8 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
 
 
 def parse_variants(args) -> tuple[list[str], list[str]]:
-    """--weight-roundings and --calibrations as lists, checked against the registry."""
-    roundings = [s.strip() for s in args.weight_roundings.split(",") if s.strip()]
+    """--weight-roundings and --calibrations as lists, checked against the registry (no --weight-roundings: rtn)."""
+    roundings = [s.strip() for s in (args.weight_roundings or "rtn").split(",") if s.strip()]
     for r in roundings:
         registry.rounding(r)
     modes = [s.strip() for s in args.calibrations.split(",") if s.strip()]
@@ -314,7 +372,11 @@ def run_report_cli(args, load_calib=None) -> int:
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {list(METHODS)}")
-    bits = parse_bits(args.bits)
+    bits = parse_formats(args.bits)
+    if args.format_rows:
+        bits = list(dict.fromkeys([*bits, *FORMAT_ROWS]))
+    if args.weight_roundings is None:
+        roundings = None  # format_rows' defaults: rtn, and rtn + gptq for weight-only formats
     config_name = args.config or (None if args.checkpoint else args.default_config)
     dtype = wf.parse_dtype(args.dtype)
     model = wf.load_model(config_name, args.checkpoint, device=args.device, dtype=dtype, seed=args.seed)
@@ -388,7 +450,7 @@ def to_markdown(doc: dict) -> str:
              f"Calibration: {doc['data']['calibration']}; evaluation: {doc['data']['evaluation']} "
              f"({doc['data']['eval_batches']} batches of {doc['data']['batch_size']}). The flow-matching noise is "
              "fixed, so the action error is the quantization's alone.", "",
-             "| part | method | bits | layers | action rel. MSE | action max abs | layer err mean | layer err max "
+             "| part | method | format | layers | action rel. MSE | action max abs | layer err mean | layer err max "
              "| weights MiB (bf16 → quant) | model MiB (bf16 → quant) | quant s | packs reused |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     best = {}
@@ -404,6 +466,7 @@ def to_markdown(doc: dict) -> str:
             f"{r['layer_rel_err_max']:.3e} | {_mib(r['weight_bytes_before'])} → {_mib(r['weight_bytes_after'])} | "
             f"{_mib(r['model_bytes_before'])} → {_mib(r['model_bytes_after'])} | {r['quant_seconds']:.2f} | "
             f"{r['packs_reused']} |")
+    lines += format_legend(doc["rows"])
     if doc.get("full_size_memory"):
         lines += ["", "## Weight memory at full size (computed from shapes, bf16 → packed 4-bit + scales)", "",
                   "| config | part | layers | weights GiB | model GiB | model saving |",
@@ -425,6 +488,24 @@ def to_markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def format_legend(rows: list[dict]) -> list[str]:
+    """The formats of the rows by their ``Format.label()`` (what the weights and activations are: an fp8 or
+    bf16-activation row is never called int8), and what the method column means for weight-only formats."""
+    named = list(dict.fromkeys(r.get("format", r["bits"]) for r in rows))
+    labels = []
+    for name in named:
+        try:
+            labels.append(formats.get(name).label())
+        except formats.FormatError:
+            labels.append(name)
+    out = ["", "Formats: " + "; ".join(labels) + "."]
+    weight_only = [n for n in named if n in formats.names() and not formats.get(n).online_transform]
+    if weight_only:
+        out[-1] += (f" {', '.join(weight_only)}: weight-only, no activation transform; its rows differ by weight "
+                    "rounding (`rtn`: round to nearest, `rtn+gptq`: GPTQ).")
+    return out
+
+
 def plot_action_error(doc: dict, path: Path) -> None:
     import matplotlib
 
@@ -435,7 +516,8 @@ def plot_action_error(doc: dict, path: Path) -> None:
     bits_list = sorted({r["bits"] for r in rows})
     parts = list(dict.fromkeys(r["part"] for r in rows))
     methods = list(dict.fromkeys(r.get("label", r["method"]) for r in rows))
-    fig, axes = plt.subplots(1, len(bits_list), figsize=(4 + 3 * len(parts), 4), squeeze=False)
+    width_in = max(4 + 3 * len(parts), len(bits_list) * (2 + 2 * len(parts)))
+    fig, axes = plt.subplots(1, len(bits_list), figsize=(width_in, 4), squeeze=False)
     width = 0.8 / max(1, len(methods))
     for ax, bits in zip(axes[0], bits_list):
         for j, method in enumerate(methods):

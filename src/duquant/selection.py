@@ -127,15 +127,19 @@ def part_counts(names) -> dict[str, int]:
 
 
 def layer_line(name: str, module: nn.Module, config: DuQuantConfig) -> str:
-    a = config.abits if config.quantize_activations else 16
-    bits = f"W{config.bits_for(name)}A{a}"
-    if config.method == "duquant":
+    """One selected layer: shape, format (its ``Format.label()``: what the weights and activations are), transform
+    method (a weight-only format such as w4a16 runs none, whatever the method) and, when not rtn, weight rounding."""
+    fmt = config.layer_format_spec(name)
+    method = config.method if fmt.online_transform else "no transform"
+    if method == "duquant":
         extra = f", block {config.block_size}, permute {'on' if config.permute else 'off'}"
-    elif config.method == "hadamard":
+    elif method == "hadamard":
         extra = f", block {config.block_size}"
     else:
         extra = ""
-    return f"{name}: {module.in_features}\u2192{module.out_features}, {bits}, {config.method}{extra}"
+    if config.weight_rounding != "rtn" and fmt.weights.startswith("int"):
+        extra += f", {config.weight_rounding} rounding"
+    return f"{name}: {module.in_features}\u2192{module.out_features}, {fmt.label()}, {method}{extra}"
 
 
 def selection_summary(model: nn.Module, selection: Selection, config: DuQuantConfig) -> str:

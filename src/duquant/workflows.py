@@ -105,6 +105,13 @@ def max_abs_error(pred: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def default_packdir(config_name: str, cfg) -> str:
-    tag = cfg.layer_hash("")[:10]
-    return str(Path("duquant_packs") / f"{config_name}-{cfg.method}-{cfg.bits_label}-{tag}")
+    """`duquant_packs/<model>-<method>-<format>-<hash>`; per-layer formats give their own directory (a pack's key
+    already holds its layer's format: this only keeps differently mixed runs from recomputing each other's)."""
+    tag = cfg.layer_hash("")
+    if cfg.format_overrides:
+        import hashlib
+        import json
+
+        tag = hashlib.sha256(json.dumps([tag, cfg.to_dict()["format_overrides"]]).encode()).hexdigest()
+    return str(Path("duquant_packs") / f"{config_name}-{cfg.method}-{cfg.format_name}-{tag[:10]}")
 

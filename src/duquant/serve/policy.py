@@ -641,7 +641,8 @@ def _quantize(model, spec: PolicySpec, log) -> dict:
     else:
         calib = wf.synthetic_observations(model, qcfg.calib_steps, spec.calib_batch_size, seed=0)
         source = "synthetic"
-    log(f"quantizing ({qcfg.method} {qcfg.bits_label}, calibration: {source}, packs: {qcfg.packdir})")
+    mixed = f" + {len(qcfg.format_overrides)} per-layer format override(s)" if qcfg.format_overrides else ""
+    log(f"quantizing ({qcfg.method} {qcfg.format_name}{mixed}, calibration: {source}, packs: {qcfg.packdir})")
     report = quantize(model, qcfg, calibrate=logged_calibration(calib[: qcfg.calib_steps], log), progress=False)
     if not report.dryrun:
         log(f"quantized {report.num_layers} layers in {report.calibration_seconds + report.quantization_seconds:.1f} s "
@@ -650,7 +651,8 @@ def _quantize(model, spec: PolicySpec, log) -> dict:
         return {"dryrun": True, "lines": list(report.lines)}
     return {
         "method": qcfg.method,
-        "bits": qcfg.bits_label,
+        "bits": qcfg.format_name,  # the global format (w4a8, w8a8-fp8, ...); per-layer ones in "formats"
+        "formats": report.format_counts(),
         "preset": qcfg.preset,
         "layers": report.num_layers,
         "packdir": qcfg.packdir,
