@@ -201,3 +201,23 @@ def test_truncated_packs_give_an_error_naming_the_file(tmp_path, pristine):
     for cut in (0, 4, 8, 100, len(data) // 2, len(data) - 1):
         assert load_damaged(packdir, victim, data[:cut], reference) == "error", cut
     assert load_damaged(packdir, victim, data, reference) == "same"
+
+
+def test_sweep_removes_only_old_orphaned_temp_files(tmp_path):
+    """A SIGKILLed pack write leaves its mkstemp file; the next run removes it once it is clearly abandoned, never a
+    file another writer may still be filling, a pack, or anything else in the directory."""
+    import time
+
+    store = PackStore(tmp_path)
+    pack = store.save("layers.0.q_proj", {"w": torch.zeros(3)}, {})
+    old = tmp_path / ".layers.0.k_proj.safetensors.x1y2z3.tmp"
+    fresh = tmp_path / ".layers.0.v_proj.safetensors.a1b2c3.tmp"
+    other = tmp_path / "notes.tmp"
+    for f in (old, fresh, other):
+        f.write_bytes(b"partial")
+    two_hours_ago = time.time() - 7200
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    os.utime(other, (two_hours_ago, two_hours_ago))
+    assert store.sweep_orphans(max_age_s=3600) == [old]
+    assert not old.exists() and fresh.exists() and other.exists() and pack.exists()
+    assert PackStore(tmp_path / "missing").sweep_orphans() == []

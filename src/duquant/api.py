@@ -211,6 +211,10 @@ def quantize(model: nn.Module, config: DuQuantConfig | None = None,
         _log("[duquant] ROW_ROT=propagate is run as 'restore': leaving outputs in a rotated basis would change "
              "the model's function")
     store = PackStore(config.packdir) if config.packdir else None
+    if store is not None:
+        orphans = store.sweep_orphans()
+        if orphans and verbose:
+            _log(f"[duquant] removed {len(orphans)} temporary file(s) a killed pack write left in {store.root}")
     fingerprints = {n: weight_fingerprint(m.weight, m.bias) for n, m in selection.modules.items()}
 
     # 1. Packs: a layer whose pack matches its config and weights (and its group's weights) is loaded.

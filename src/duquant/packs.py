@@ -24,6 +24,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +120,23 @@ class PackStore:
 
     def path(self, name: str) -> Path:
         return self.root / f"{sanitize(name)}.safetensors"
+
+    def sweep_orphans(self, max_age_s: float = 3600.0) -> list[Path]:
+        """Remove temporary files that a killed writer left behind (``_atomic_write`` deletes its own on any
+        exception, but not on SIGKILL or a power cut); returns what was removed. Only files older than
+        `max_age_s`: another process writing into the same directory (a cluster run) holds its file for seconds."""
+        if not self.root.is_dir():
+            return []
+        now = time.time()
+        removed = []
+        for tmp in self.root.glob(".*.tmp"):
+            try:
+                if now - tmp.stat().st_mtime > max_age_s:
+                    tmp.unlink()
+                    removed.append(tmp)
+            except FileNotFoundError:  # its writer finished or another sweep took it
+                continue
+        return removed
 
     def save(self, name: str, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
