@@ -18,6 +18,8 @@ SCRIPTS = {
     "act-transform": ("act_transform.py", "activation-transform kernels against their memory floor"),
     "stack": ("layer_stack.py", "one decoder layer's linears per part, activation kernels included"),
     "peer-openpi": ("peer_openpi.py", "openpi's own compiled PI0Pytorch on this GPU (--openpi-src PATH)"),
+    "peer-realtime-vla": ("peer_realtime_vla.py", "realtime-vla's Triton pi0 / pi0.5 beside our bf16 fast path "
+                                                  "(--realtime-vla-src PATH)"),
 }
 
 
@@ -27,7 +29,7 @@ def bench_dir() -> Path | None:
 
 
 def register(sub) -> None:
-    lines = "\n".join(f"  {k:14s} {v[1]}" for k, v in SCRIPTS.items())
+    lines = "\n".join(f"  {k:18s} {v[1]}" for k, v in SCRIPTS.items())
     p = sub.add_parser("bench", help="GPU benchmarks on pi0's shapes and end to end (CUDA only; bench/ folder)",
                        description=__doc__ + "\nbenchmarks:\n" + lines,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
