@@ -48,6 +48,29 @@ def test_report_on_a_transformers_causal_lm(tmp_path, capsys):
     assert "| duquant+gptq |" in capsys.readouterr().out
 
 
+def test_report_takes_shared_settings_from_the_environment(tmp_path, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    tiny_checkpoint(ckpt)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(WORDS * 12))
+    monkeypatch.setenv("OPENPI_DUQUANT_W_CLIP", "0.9")
+    monkeypatch.setenv("OPENPI_DUQUANT_GPTQ_DAMP", "0.1")
+    monkeypatch.setenv("OPENPI_DUQUANT_FORMAT", "w4a16")  # per row in a report: not read
+    monkeypatch.setenv("OPENPI_DUQUANT_SCOPE", "paligemma")  # the report selects the numbered blocks itself
+    seen = []
+    real_run_rows = real_models.run_rows
+    monkeypatch.setattr(real_models, "run_rows", lambda *a, **k: (seen.append(k["base"]), real_run_rows(*a, **k))[1])
+    args = argparse.Namespace(checkpoint=str(ckpt), text=str(text), methods="duquant", bits="w4a4",
+                              weight_roundings="gptq", calibrations="one-pass", seq_len=32, calib_batches=3,
+                              eval_batches=2, device="cpu", dtype="float32", block_size=32, rotation_steps=16,
+                              out=str(tmp_path / "out"), quiet=True)
+    assert real_models.run_report_cli(args) == 0
+    assert seen[0].w_clip == 0.9 and seen[0].gptq_damp == 0.1
+    doc = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert doc["settings"] == {"w_clip": 0.9, "gptq_damp": 0.1, "block_size": 32, "rotation_steps": 16}
+    assert "w_clip 0.9" in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_text_windows_are_disjoint_and_start_with_bos(tmp_path):
     tiny_checkpoint(tmp_path)
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))

@@ -30,6 +30,10 @@ from duquant.config import DuQuantConfig
 from duquant.selection import select_layers
 
 BLOCK_LINEARS = r"\.(layers|layer|h|blocks)\.\d+\."
+# DuQuantConfig fields a report takes from OPENPI_DUQUANT_* (shared by every row)
+SHARED_SETTINGS = ("block_size", "block_out", "permute", "row_rot", "alpha", "rotation_steps", "w_symmetric", "w_clip",
+                   "w_group_size", "clip_search", "act_symmetric", "act_clip", "act_pct", "act_static", "gptq_damp",
+                   "gptq_act_order", "calib_tokens", "share_transforms", "seed")
 
 
 def is_transformers_checkpoint(path: str | Path) -> bool:
@@ -203,7 +207,8 @@ def to_markdown(doc: dict) -> str:
     head = f"{metric} (float {fl:.4g})" if metric == "perplexity" else "embedding cosine to float"
     lines = [f"# duquant report ({doc['model']['checkpoint']}, {doc['model']['kind']})", "",
              f"{head}; text {doc['data']['text']}, {doc['info']['calib_batches']} calibration and "
-             f"{doc['info']['eval_batches']} held-out batches. Per-channel weights, per-token activations.", "",
+             f"{doc['info']['eval_batches']} held-out batches. Per-channel weights, per-token activations"
+             + "".join(f"; {k} {v}" for k, v in (doc.get("settings") or {}).items()) + ".", "",
              "| method | " + " | ".join(bits) + " |", "|---|" + "---:|" * len(bits)]
     for lab in labels:
         vals = []
@@ -240,14 +245,20 @@ def run_report_cli(args) -> int:
         base_kwargs["block_size"] = args.block_size
     if args.rotation_steps is not None:
         base_kwargs["rotation_steps"] = args.rotation_steps
+    # The shared settings (weight clip, GPTQ damping / act-order, activation clip, ...) come from the
+    # OPENPI_DUQUANT_* variables, as for `duquant quantize`; method, bits, rounding, calibration mode and the layer
+    # selection are the report's own (per row / numbered blocks), so those variables are not read.
+    env = DuQuantConfig.from_env(**base_kwargs)
+    base = DuQuantConfig(**{k: getattr(env, k) for k in SHARED_SETTINGS})
     rows, info = run_rows(model, tokenizer, kind, text, methods=methods, bits=parse_bits(args.bits),
                           roundings=roundings, calibrations=modes, seq_len=args.seq_len,
                           calib_batches=args.calib_batches, eval_batches=args.eval_batches,
-                          base=DuQuantConfig(**base_kwargs), progress=not args.quiet)
+                          base=base, progress=not args.quiet)
+    changed = {k: getattr(base, k) for k in SHARED_SETTINGS if getattr(base, k) != getattr(DuQuantConfig(), k)}
     doc = {"schema_version": 1, "duquant_version": __version__,
            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "model": {"checkpoint": str(args.checkpoint), "kind": kind, "dtype": args.dtype, "device": args.device},
-           "data": {"text": str(args.text)}, "info": info, "rows": rows,
+           "data": {"text": str(args.text)}, "settings": changed, "info": info, "rows": rows,
            "environment": {"torch": torch.__version__, "python": platform.python_version()},
            "timing": {"total_seconds": round(time.perf_counter() - t_start, 1)}}
     out = Path(args.out)
