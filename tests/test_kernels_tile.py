@@ -70,6 +70,26 @@ def test_tile_config_has_mma_rows():
         assert br * nbp >= 16 and warps in (4, 8)
 
 
+def test_float32_rotations_of_a_partial_last_block_are_refused_by_name():
+    """Four float32 128 x 128 matrices do not fit in sm_90's shared memory (aot.py: 278 KB), so the tile kernel
+    says so before launching and the gpu backend sends those widths to the fused kernel; fp16 runs them."""
+    pytest.importorskip("triton")
+    import torch
+
+    from duquant.kernels.triton_act import build_act_plan
+    from duquant.kernels.triton_act_tile import act_quant_tile, cannot_run
+    from duquant.random_layers import random_layer
+
+    partial = build_act_plan(random_layer(4304, 8, seed=1, steps=2).transform, 4304, "cpu")
+    whole = build_act_plan(random_layer(256, 8, seed=1, steps=2).transform, 256, "cpu")
+    for precision in ("ieee", "tf32"):
+        assert "fp16 or bf16" in cannot_run(partial, precision)
+        with pytest.raises(ValueError, match="fp16 or bf16"):
+            act_quant_tile(torch.zeros(2, 4304), partial, precision=precision)
+        assert cannot_run(whole, precision) is None
+    assert cannot_run(partial, "fp16") is None and cannot_run(partial, "bf16") is None
+
+
 def test_default_config_compiles_for_sm90_without_spills():
     """The whole Triton pipeline for sm_90 on the CPU (its bundled ptxas): the LLM q/k/v input's default tile
     compiles and fits in registers (a hoisted [R, 128] index tensor once spilled every register)."""
@@ -114,10 +134,8 @@ def test_gpu_tile_kernel_matches_reference(m, k, symmetric, perm_mode):
     x = random_activations(m, k, seed=m, dtype=torch.bfloat16, device="cuda")
     rc, rsx, rzx = reference.act_quant(x.cpu(), layer.transform, 8, symmetric, 0.9)
     plan = build_act_plan(layer.transform, k, "cuda")
-    from duquant.kernels.triton_act_tile import default_chunk_rows
-
     for precision, max_d, max_flip, rtol in (("ieee", 1, 1e-4, 1e-5), ("fp16", 2, 0.1, 5e-3)):
-        if precision == "ieee" and k % 128 and default_chunk_rows(k):  # float32 matrices: no room, says so
+        if precision == "ieee" and k % 128:  # float32 matrices of a partial last block: no room, says so
             with pytest.raises(ValueError, match="fp16 or bf16"):
                 act_quant_tile(x, plan, symmetric=symmetric, clip=0.9, precision=precision)
             continue

@@ -200,6 +200,7 @@ class GpuLinearGroup(SharedInputGroup):
 
     def __post_init__(self):
         from duquant.kernels.triton_act import build_act_plan
+        from duquant.kernels.triton_act_tile import cannot_run
 
         first = self.layers[0]
         for layer in self.layers:
@@ -214,6 +215,9 @@ class GpuLinearGroup(SharedInputGroup):
             raise GpuBackendError(f"DUQUANT_ACT_IMPL={self.act_impl!r}: use fused, split or tile")
         # tile: fp16 operands with per-token power-of-two scaling round like tf32, at twice its rate
         self.precision = self.precision or ("fp16" if self.act_impl == "tile" else "tf32")
+        # What the tile kernel cannot run (float32 rotations of a partial last block, K = 4304: shared memory)
+        # goes to the fused kernel.
+        self.use_tile = self.act_impl == "tile" and cannot_run(self.plan, self.precision) is None
         self.out_total = sum(la.out_features for la in self.layers)
         # fuse members with the same weight format
         sets: dict[tuple, list[int]] = {}
@@ -243,10 +247,7 @@ class GpuLinearGroup(SharedInputGroup):
         return outs
 
     def _act(self, x2: torch.Tensor, layout: str):
-        # A partial last block (K = 4304, SigLIP's fc2 input) has its own matrices: in float32 the chunked tile
-        # kernel cannot hold them (shared memory), so float32 rotations of such widths use the fused kernel.
-        partial = self.in_features % self.plan.BS != 0
-        if self.act_impl == "tile" and self.plan.fused and not (partial and self.precision in ("ieee", "tf32")):
+        if self.use_tile:
             from duquant.kernels.triton_act_tile import act_quant_tile
 
             return act_quant_tile(x2, self.plan, symmetric=self.symmetric, clip=self.clip, layout=layout,

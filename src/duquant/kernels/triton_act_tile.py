@@ -417,8 +417,9 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
     m, k = x.shape
     if k != plan.K:
         raise ValueError(f"activation kernel built for K={plan.K}, got input with {k} channels")
-    if not plan.fused:
-        raise ValueError(f"this transform cannot run in the tile kernel: {plan.reason}")
+    why = cannot_run(plan, precision)
+    if why:
+        raise ValueError(why)
     bs = plan.BS
     if fp8:
         layout, symmetric = "natural", True
@@ -483,6 +484,19 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
     return codes, scale, zero, rowsum
 
 
+def cannot_run(plan: ActPlan, precision: str) -> str | None:
+    """Why ``act_quant_tile`` cannot run `plan` at `precision` (None when it can)."""
+    if not plan.fused:
+        return f"this transform cannot run in the tile kernel: {plan.reason}"
+    two = any(m is not None and m.shape[0] == 2 for m in (plan.r1, plan.r2))
+    if two and precision in ("ieee", "tf32") and plan.BS >= 128:
+        # a partial last block brings its own matrices: four float32 128 x 128 ones need 278+ KB of shared memory
+        # in the one-tile and the chunked kernel alike (sm_90 has 227 KB; kernels/aot.py measures it on the CPU)
+        return (f"K={plan.K}: a partial last block needs fp16 or bf16 rotations in the tile kernel (got "
+                f"{precision!r}); use triton_act.act_quant for float32 rotations")
+    return None
+
+
 def default_chunk_rows(k: int, bs: int = 128) -> int:
     """Blocks per chunk of the chunked kernel, or 0 for the one-tile kernel: tokens of more than 32 blocks that
     are not a power of two of them (K = 4304: 34 blocks) go in chunks of 16 rows on 4 warps."""
@@ -506,10 +520,6 @@ def _launch_chunked(x, plan, codes, scale, zero, rowsum, symmetric, clip, layout
     flags = dict(HAS_SMOOTH=plan.inv_smooth is not None, HAS_R1=plan.r1 is not None,
                  R1_TWO=plan.r1 is not None and plan.r1.shape[0] == 2, HAS_PERM=plan.perm_fwd is not None,
                  HAS_R2=plan.r2 is not None, R2_TWO=plan.r2 is not None and plan.r2.shape[0] == 2)
-    if (flags["R1_TWO"] or flags["R2_TWO"]) and precision in ("ieee", "tf32") and bs >= 128:
-        # four float32 128 x 128 matrices need 280+ KB of shared memory (sm_90 has 227 KB; aot.py measures it)
-        raise ValueError(f"K={k}: a partial last block in the chunked kernel needs fp16 or bf16 rotations "
-                         f"(got {precision!r}); use triton_act.act_quant for float32 rotations")
     r1 = _matrices(plan, "r1", precision)
     r2 = _matrices(plan, "r2", precision)
     op = {"fp16": (torch.float16, tl.float16), "bf16": (torch.bfloat16, tl.bfloat16)}.get(
