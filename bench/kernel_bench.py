@@ -149,7 +149,8 @@ def finish(out_dir: str | Path, name: str, data: dict, md: str, failures: list[s
     return 0
 
 
-def _table(rows: list[dict], cols: list[str]) -> str:
+def table(rows: list[dict], cols: list[str]) -> str:
+    """A Markdown table of `rows` (dicts) in the order of `cols`, floats to 0.1 from 10 up, else to 0.01."""
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []
@@ -259,7 +260,7 @@ def bench_gemm(out_dir, shapes=None, formats=("w8a8-sym", "w8a8", "w4a8")) -> di
         cols += [f"{fmt} nt us", f"{fmt} swap us", f"{fmt} speedup"]
     md = (f"GEMM only (activation codes given), {info['gpu']}, torch {info['torch']}, triton {info['triton']}, "
           f"{info['date']}. µs = median of triton do_bench (L2 flushed). Output rel. error vs float32 reference "
-          f"in the JSON (bf16 rounding: ~2e-3).\n\n" + _table(rows, cols))
+          f"in the JSON (bf16 rounding: ~2e-3).\n\n" + table(rows, cols))
     data = {"env": info, "rows": rows}
     write(out_dir, "gemm_shapes", data, md)
     return data
@@ -315,7 +316,7 @@ def bench_act(out_dir, cases=None, sweep: bool = True) -> dict:
     info["copy GB/s"] = bw
     md = (f"Fused DuQuant activation kernel (smooth, rot1, perm, rot2, asym per-token int8; 128-wide blocks), "
           f"{info['gpu']}, {info['date']}. Device copy bandwidth {bw:.0f} GB/s; floor = (2 B read + 1 B write) "
-          f"per element at that bandwidth.\n\n" + _table(rows, ["M", "K", "variant", "us", "GB/s", "floor us",
+          f"per element at that bandwidth.\n\n" + table(rows, ["M", "K", "variant", "us", "GB/s", "floor us",
                                                                  "of copy bw"]))
     data = {"env": info, "rows": rows}
     write(out_dir, "act_kernel", data, md)
@@ -407,7 +408,7 @@ def bench_stack(out_dir, parts=("llm", "expert", "vision"), nlayers: int = 2,
           f"distinct weights; ours = fused activation kernel once per shared input + fused q/k/v and gate/up "
           f"GEMMs; bf16 = cuBLAS F.linear per layer, 'fused' = concatenated q/k/v and gate/up weights). "
           f"{info['gpu']}, torch {info['torch']}, triton {info['triton']}, {info['date']}. "
-          f"'act' / 'gemm' = the activation kernels / the GEMMs of one layer alone.\n\n" + _table(rows, cols))
+          f"'act' / 'gemm' = the activation kernels / the GEMMs of one layer alone.\n\n" + table(rows, cols))
     data = {"env": info, "rows": rows}
     write(out_dir, "layer_stack", data, md)
     return data

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel_bench import env_info, median_event_ms  # noqa: E402
+from kernel_bench import env_info, median_event_ms, table, write  # noqa: E402
 
 PEER = {"pi0": ("pi0_infer", "Pi0Inference"), "pi05": ("pi05_infer", "Pi05Inference")}
 
@@ -101,17 +101,12 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     info = env_info()
-    md = [f"realtime-vla beside our bf16 fast path, {info['gpu']}, torch {info['torch']}, commit {info['commit']}, "
-          f"{info['date']}; median of {a.iters} calls each.", "",
-          "| model | views | prompt tokens | ours bf16 fast ms | realtime-vla ms | ours / realtime-vla |",
-          "|---|---|---|---|---|---|"]
-    md += [f"| {r['model']} | {r['views']} | {r['prompt tokens']} | {r['ours bf16 fast ms']} | {r['realtime-vla ms']} "
-           f"| {r['ours / realtime-vla']} |" for r in rows]
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "peer_realtime_vla.json").write_text(json.dumps({"env": info, "rows": rows}, indent=1))
-    (out / "peer_realtime_vla.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    md = (f"realtime-vla beside our bf16 fast path, {info['gpu']}, torch {info['torch']}, commit {info['commit']}, "
+          f"{info['date']}; median of {a.iters} calls each.\n\n"
+          + table(rows, ["model", "views", "prompt tokens", "ours bf16 fast ms", "realtime-vla ms",
+                         "ours / realtime-vla"]))
+    write(a.out, "peer_realtime_vla", {"env": info, "rows": rows}, md)
+    print(md)
     return 1 if failed else 0
 
 

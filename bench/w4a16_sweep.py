@@ -96,14 +96,11 @@ def main() -> int:
     rows, failures = [], []
     for name, k, n in SHAPES:
         rows += sweep_shape(name, a.m, k, n, failures)
-    md = [f"w4a16 launch configurations, M = {a.m}, 18 distinct weights per graph (HBM-streamed), "
-          f"{kernel_bench.env_info()['gpu']}; best 8 per shape", "",
-          "| shape | K | N | bf16 us | BN | BM | KS | split | warps | stages | w4a16 us | vs bf16 |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    md += [f"| {r['shape']} | {r['K']} | {r['N']} | {r['bf16 us']} | {r['BN']} | {r['BM']} | {r['KS']} | "
-           f"{r['SPLIT_K']} | {r['warps']} | {r['stages']} | {r['us']} | {r['vs bf16']} |" for r in rows]
-    return kernel_bench.finish(a.out, "w4a16_sweep", {"env": kernel_bench.env_info(), "rows": rows}, "\n".join(md),
-                               failures)
+    md = (f"w4a16 launch configurations, M = {a.m}, 18 distinct weights per graph (HBM-streamed), "
+          f"{kernel_bench.env_info()['gpu']}; best 8 per shape; us = w4a16 µs\n\n"
+          + kernel_bench.table(rows, ["shape", "K", "N", "bf16 us", "BN", "BM", "KS", "SPLIT_K", "warps", "stages",
+                                      "us", "vs bf16"]))
+    return kernel_bench.finish(a.out, "w4a16_sweep", {"env": kernel_bench.env_info(), "rows": rows}, md, failures)
 
 
 if __name__ == "__main__":
