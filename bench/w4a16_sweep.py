@@ -47,7 +47,7 @@ def sweep_shape(name: str, m: int, k: int, n: int, failures: list[str]) -> list[
             torch.mm(x, w.T, out=y)
 
     t_bf16 = kernel_bench.time_graph(run_bf16, calls=1) / LAYERS
-    ws, lock = w4._split_buffers(weights[0], m, x.device)
+    ws, lock = w4._split_buffers(n, m, x.device)
     results = []
     for bn, bm, ks, split in itertools.product((64, 128), (16, 64), (128, 256), (1, 2, 4, 8)):
         if split > 1 and bm * triton.cdiv(m, bm) > 64:

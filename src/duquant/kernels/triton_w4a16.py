@@ -173,7 +173,7 @@ def w4a16_gemm(x: torch.Tensor, w: W4A16Weight, out: torch.Tensor | None = None)
     if m == 0:
         return y
     ng = 1 if w.group_size is None else -(-k // w.group_size)
-    ws, lock = _split_buffers(w, m, x.device)
+    ws, lock = _split_buffers(w.N, m, x.device)
 
     def grid(meta):
         return (triton.cdiv(w.N, meta["BN"]), triton.cdiv(m, meta["BM"]), meta["SPLIT_K"])
@@ -187,15 +187,17 @@ def w4a16_gemm(x: torch.Tensor, w: W4A16Weight, out: torch.Tensor | None = None)
 _SCRATCH: dict = {}  # device -> (partials, tile counters), shared by every layer (one stream: launches never overlap)
 
 
-def _split_buffers(w: W4A16Weight, m: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split-K scratch (float32 partials of every output tile) and tile counters, grown to the largest call seen
-    and allocated outside CUDA-graph capture (the first eager call at a batch size); the counters rearm themselves.
-    Sized for the largest split configuration of _CONFIGS (tiles of at most 128 x 64, 8 splits)."""
+def _split_buffers(n: int, m: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K scratch (float32 partials of every output tile) and tile counters for an [m, n] output, grown to the
+    largest call seen and allocated outside CUDA-graph capture (the first eager call at a batch size); the counters
+    rearm themselves. Sized for the largest split configuration of _CONFIGS (tiles of at most 128 x 64, 8 splits);
+    large M runs no split (_prune) and gets the smallest buffers."""
     if _mb(m) > _SPLIT_MAX_MB:
-        return _dummy(device)
-    n_pad, m_pad = triton.cdiv(w.N, 128) * 128, triton.cdiv(m, 64) * 64
-    split = max(c.kwargs["SPLIT_K"] for c in _CONFIGS)
-    need_ws, tiles = n_pad * m_pad * split, triton.cdiv(w.N, 16) * triton.cdiv(m, 16)
+        need_ws, tiles = 1, 1
+    else:
+        split = max(c.kwargs["SPLIT_K"] for c in _CONFIGS)
+        need_ws = triton.cdiv(n, 128) * 128 * triton.cdiv(m, 64) * 64 * split
+        tiles = triton.cdiv(n, 16) * triton.cdiv(m, 16)
     ws, lock = _SCRATCH.get(device, (None, None))
     if ws is None or ws.numel() < need_ws or lock.numel() < tiles:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -205,11 +207,3 @@ def _split_buffers(w: W4A16Weight, m: int, device) -> tuple[torch.Tensor, torch.
         lock = torch.zeros(max(tiles, 0 if lock is None else lock.numel()), dtype=torch.int32, device=device)
         _SCRATCH[device] = (ws, lock)
     return ws, lock
-
-
-def _dummy(device):
-    key = ("dummy", device)
-    if key not in _SCRATCH:
-        _SCRATCH[key] = (torch.empty(1, dtype=torch.float32, device=device),
-                         torch.zeros(1, dtype=torch.int32, device=device))
-    return _SCRATCH[key]
