@@ -148,3 +148,53 @@ def test_gpu_tile_kernel_matches_reference(m, k, symmetric, perm_mode):
         split = act_quant_tile(x, plan, symmetric=symmetric, clip=0.9, precision=precision, perm_mode=perm_mode,
                                layout="split")[0]
         assert torch.equal(split.cpu(), reference.split_int4_order(codes.cpu()))
+
+
+_SHUFFLE_SCRIPT = PREAMBLE + textwrap.dedent("""
+    from duquant.kernels import reference
+    from duquant.random_layers import random_activations, random_group
+    from duquant.kernels.triton_act import build_act_plan
+    from duquant.kernels.triton_act_tile import act_quant_tile, shuffle_piece
+
+    def shuffle(k, bs):  # written out element by element: output block j = piece j of every block, in block order
+        nb, g = k // bs, bs // (k // bs)
+        return torch.tensor([b * bs + j * g + e for j in range(nb) for b in range(nb) for e in range(g)])
+
+    CASES = [(256, 32, 4, None, "split"), (256, 16, 1, None, "natural"), (256, 16, 1, 1, "natural"),
+             (64, 16, 4, 4, "split")]  # k, block, expected piece width, tokens per tile, layout
+    for k, bs, g, br, layout in CASES:
+        layer = random_group(k, [8], method="duquant", block_size=bs, seed=k + bs)[0]
+        t = layer.transform
+        t.perm = shuffle(k, bs)
+        plan = build_act_plan(t, k, "cpu")
+        assert shuffle_piece(plan) == g, (k, bs, shuffle_piece(plan))
+        x = random_activations(19, k, seed=k)
+        x[4] *= 300.0
+        rc, rsx, rzx = reference.act_quant(x, t, 8, False, 0.9)
+        ref = reference.split_int4_order(rc) if layout == "split" else rc
+        for prec in ("ieee", "fp16"):
+            codes, sx, zx, rs = act_quant_tile(x, plan, symmetric=False, clip=0.9, layout=layout, precision=prec,
+                                               block_tokens=br)
+            d = (codes.int() - ref.int()).abs()
+            max_d, max_rate, rtol = (0, 0.0, 1e-6) if prec == "ieee" else (1, 0.05, 2e-3)
+            assert int(d.max()) <= max_d and float((d > 0).float().mean()) <= max_rate, (k, bs, prec)
+            assert torch.allclose(sx, rsx, rtol=rtol, atol=0), (k, bs, prec)
+            assert torch.equal(rs, reference.code_row_sums(codes)), k
+    # a zigzag-like permutation is not the shuffle: the table path runs it, and asking for the transpose is refused
+    layer = random_group(256, [8], method="duquant", block_size=32, seed=3)[0]
+    plan = build_act_plan(layer.transform, 256, "cpu")
+    assert shuffle_piece(plan) == 0
+    try:
+        act_quant_tile(random_activations(4, 256, seed=0), plan, perm_mode="transpose")
+    except ValueError as err:
+        assert "shuffle" in str(err)
+    else:
+        raise AssertionError("transpose mode ran a permutation that is not the shuffle")
+    print("SHUFFLE INTERPRETER OK")
+""")
+
+
+def test_shuffle_permutation_runs_as_a_block_transpose_under_interpreter():
+    """permute=shuffle's exchange between blocks is a fixed transpose in the tile kernel (PERM_MODE 2): same codes
+    as the eager spec, which applies the permutation as a plain gather."""
+    run_under_interpreter(_SHUFFLE_SCRIPT, "SHUFFLE INTERPRETER OK", timeout=600)

@@ -12,7 +12,10 @@ bench/act_transform.py):
 
 - 0 ``scratch``: the rotated tile goes to a per-program scratch row in global memory (L1/L2-resident, in the dot's
   input dtype: 2 bytes per element for fp16/bf16) and comes back through gather addresses;
-- 1 ``gather``: ``tl.gather`` on the flattened tile (Triton lowers a cross-warp gather through shared memory).
+- 1 ``gather``: ``tl.gather`` on the flattened tile (Triton lowers a cross-warp gather through shared memory);
+- 2 ``transpose``: only for the shuffle permutation (``permute=shuffle``; ``shuffle_piece``), whose exchange
+  between blocks is fixed: the token's [NB, NB, G] view with two axes swapped, a register/shared-memory transpose
+  with no table and no scratch round trip. Picked by default whenever the plan's permutation is the shuffle.
 
 Rotation precision (``precision``), all with float32 accumulation:
 
@@ -39,7 +42,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 DOT_IEEE, DOT_TF32, DOT_BF16, DOT_FP16 = 0, 1, 2, 3
 PRECISIONS = {"ieee": DOT_IEEE, "tf32": DOT_TF32, "bf16": DOT_BF16, "fp16": DOT_FP16}
-PERM_MODES = {"scratch": 0, "gather": 1}
+PERM_MODES = {"scratch": 0, "gather": 1, "transpose": 2}
 
 
 @triton.jit
@@ -93,6 +96,21 @@ def _to_rows(v, BR: tl.constexpr, NBP: tl.constexpr):
 
 
 @triton.jit
+def _block_transpose(y, BR: tl.constexpr, NB: tl.constexpr, G: tl.constexpr):
+    """The shuffle permutation on a [BR * NB, BS] tile (rows = token, block): output block j of a token is the
+    j-th G-wide piece of each of its NB blocks in block order (BS = NB * G), i.e. the token seen as [NB, NB, G]
+    with its first two axes swapped. G = 1 (K = 16384): the token's [128, 128] transpose."""
+    if G == 1:
+        if BR == 1:
+            out = tl.trans(y)
+        else:
+            out = tl.reshape(tl.permute(tl.reshape(y, (BR, NB, NB)), (0, 2, 1)), (BR * NB, NB))
+    else:
+        out = tl.reshape(tl.permute(tl.reshape(y, (BR, NB, NB, G)), (0, 2, 1, 3)), (BR * NB, NB * G))
+    return out
+
+
+@triton.jit
 def _masked(v, valid, other, EVEN: tl.constexpr):
     if EVEN:
         out = v
@@ -111,7 +129,7 @@ def _tile_act_kernel(
     HAS_SMOOTH: tl.constexpr, HAS_R1: tl.constexpr, R1_TWO: tl.constexpr, HAS_PERM: tl.constexpr,
     HAS_R2: tl.constexpr, R2_TWO: tl.constexpr, SYMMETRIC: tl.constexpr, DOT: tl.constexpr,
     PERM_MODE: tl.constexpr, EXACT_DIV: tl.constexpr, USE_LIBDEVICE: tl.constexpr, HOIST: tl.constexpr,
-    SPLIT: tl.constexpr, FP8: tl.constexpr, ROUND_E4M3: tl.constexpr, EVEN: tl.constexpr,
+    SPLIT: tl.constexpr, FP8: tl.constexpr, ROUND_E4M3: tl.constexpr, EVEN: tl.constexpr, G: tl.constexpr,
 ):
     R: tl.constexpr = BR * NBP
     KP: tl.constexpr = NBP * BS
@@ -165,14 +183,17 @@ def _tile_act_kernel(
                     y = y.to(b0.dtype)
                 elif HAS_R1:
                     y = y.to(a0.dtype)
-            src = tok_in_tile[:, None] * KP + tl.load(perm_ptr + chan).to(tl.int32)  # x_new[:, c] = x[:, perm[c]]
-            if PERM_MODE == 0:
+            if PERM_MODE == 2:  # permute=shuffle: a fixed exchange of G-wide pieces between blocks, no table
+                y = _block_transpose(y, BR, NBP, G)
+            elif PERM_MODE == 0:
+                src = tok_in_tile[:, None] * KP + tl.load(perm_ptr + chan).to(tl.int32)  # x_new[:,c] = x[:,perm[c]]
                 base = scratch_ptr + pid.to(tl.int64) * (R * BS)
                 tl.debug_barrier()  # the previous tile's gathers are done before this tile overwrites the row
                 tl.store(base + r[:, None] * BS + i[None, :], y)
                 tl.debug_barrier()
                 y = tl.load(base + src)
             else:
+                src = tok_in_tile[:, None] * KP + tl.load(perm_ptr + chan).to(tl.int32)
                 y = tl.reshape(tl.gather(tl.reshape(y, (R * BS,)), tl.reshape(src, (R * BS,)), 0), (R, BS))
         if HAS_R2:
             if DOT >= 2:
@@ -448,8 +469,14 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
         warps = 8 if chunk_rows >= 32 else 4  # ptxas, sm_90: 250 registers, no spills (32 rows on 4 warps spill)
     br = block_tokens or br
     warps = num_warps or warps
+    piece = shuffle_piece(plan)
     if perm_mode is not None:
         pmode = PERM_MODES[perm_mode] if isinstance(perm_mode, str) else int(perm_mode)
+    elif piece and not chunk_rows:
+        pmode = PERM_MODES["transpose"]
+    if pmode == PERM_MODES["transpose"] and not piece:
+        raise ValueError("perm_mode='transpose' runs only the shuffle permutation (permute=shuffle, K a power-of-"
+                         "two number of blocks dividing the block size); this layer's permutation is another")
     if chunk_rows:
         return _launch_chunked(x, plan, codes, scale, zero, rowsum, symmetric, clip, layout, precision, exact_div,
                                programs, fp8, int(chunk_rows), nbp, warps)
@@ -478,10 +505,26 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
         float(clip), int(plan.last_block),
         BR=br, NBP=nbp, BS=bs, SYMMETRIC=bool(symmetric), DOT=PRECISIONS[precision], PERM_MODE=pmode,
         EXACT_DIV=bool(exact_div), USE_LIBDEVICE=not _INTERPRET and libdevice is not None, HOIST=bool(hoist),
-        SPLIT=layout == "split", FP8=bool(fp8), ROUND_E4M3=_INTERPRET, EVEN=k == nbp * bs,
+        SPLIT=layout == "split", FP8=bool(fp8), ROUND_E4M3=_INTERPRET, EVEN=k == nbp * bs, G=piece or 1,
         num_warps=warps, **flags,
     )
     return codes, scale, zero, rowsum
+
+
+def shuffle_piece(plan: ActPlan) -> int:
+    """G when the plan's permutation is the shuffle (``permute=shuffle``: with nb = K / BS blocks and G = BS / nb,
+    output block j of a token is the j-th G-wide piece of each block, in block order), else 0. The kernel then
+    swaps pieces in registers (PERM_MODE 2) instead of gathering through a table. Checked once per plan."""
+    cache = plan.__dict__.setdefault("_shuffle_piece", {})
+    if "g" not in cache:
+        k, bs, g = plan.K, plan.BS, 0
+        nb = k // bs
+        if plan.perm_fwd is not None and k == nb * bs and nb & (nb - 1) == 0 and bs % nb == 0:
+            canonical = torch.arange(k, device=plan.perm_fwd.device).view(nb, nb, bs // nb).transpose(0, 1)
+            if torch.equal(plan.perm_fwd[:k].long(), canonical.reshape(-1)):
+                g = bs // nb
+        cache["g"] = g
+    return cache["g"]
 
 
 def cannot_run(plan: ActPlan, precision: str) -> str | None:
