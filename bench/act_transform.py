@@ -1,8 +1,9 @@
-"""DuQuant activation transform (smooth -> R1 -> zigzag permutation -> R2 -> per-token asymmetric int8) on pi0's
+"""DuQuant activation transform (smooth -> R1 -> permutation -> R2 -> per-token asymmetric int8) on pi0's
 activation shapes: the block-tile kernel (kernels/triton_act_tile.py) against today's fused kernel
 (kernels/triton_act.py) and the naive torch version under torch.compile, and against the memory floor.
 
     PYTHONPATH=src python3 bench/act_transform.py [--out DIR] [--quick] [--no-compile] [--shapes 816x2048,51x1024]
+        [--permute zigzag,shuffle]
 
 - Correctness first, on fresh random inputs with outlier channels (bf16), against the eager spec
   ``reference.act_quant`` on the CPU, outputs poisoned before each call: every kernel variant that is timed is
@@ -99,22 +100,27 @@ def poison_allocator(nbytes: int, device="cuda") -> None:
     del t
 
 
-def tile_configs(m: int, k: int, quick: bool) -> list[dict]:
-    """The kernel's own default first (required to pass), then explicit launch configurations."""
+def tile_configs(m: int, k: int, quick: bool, shuffle: bool = False) -> list[dict]:
+    """The kernel's own default first (required to pass), then explicit launch configurations. With the shuffle
+    permutation the default is the transpose mode; the table modes run it too, for comparison."""
     from duquant.kernels.triton_act_tile import default_config
 
     nbp = 1 << max(0, (-(-k // 128) - 1).bit_length())
     br0, w0, p0 = default_config(m, k)
     cfgs = [dict(precision="fp16")]
     if quick:
-        return cfgs + [dict(block_tokens=br0, num_warps=w0, perm_mode=1 - p0, precision="fp16")]
+        cfgs.append(dict(block_tokens=br0, num_warps=w0, perm_mode=p0 if shuffle else 1 - p0, precision="fp16"))
+        if shuffle and nbp >= 64:  # the 128-row tile: more warps, matrices per tile (frees shared memory)
+            cfgs += [dict(block_tokens=br0, num_warps=16, perm_mode=2, precision="fp16"),
+                     dict(block_tokens=br0, num_warps=w0, perm_mode=2, precision="fp16", hoist=False)]
+        return cfgs
     for rows in sorted({max(16, 16 // nbp * nbp), 32, 64, 128}):
         br = max(1, rows // nbp)
         rows = br * nbp
         if rows < 16 or rows > 256:
             continue
         for warps in ((4,) if rows <= 32 else (4, 8) if rows == 64 else (8, 16)):  # ~64 fp32 acc regs/thread
-            for pm in (0, 1):
+            for pm in ((0, 1, 2) if shuffle else (0, 1)):
                 # a 128-row tile holds x, y and both matrices: loading the matrices per tile frees ~64 registers
                 for hoist in ((True, False) if rows >= 128 else (True,)):
                     c = dict(block_tokens=br, num_warps=warps, perm_mode=pm, precision="fp16", chunk_rows=0)
@@ -140,7 +146,7 @@ def cfg_name(c: dict) -> str:
     if "num_warps" in c:
         parts.append(f"w={c['num_warps']}")
     if "perm_mode" in c:
-        parts.append({0: "scratch", 1: "gather"}[int(c["perm_mode"])])
+        parts.append({0: "scratch", 1: "gather", 2: "transpose"}[int(c["perm_mode"])])
     if c.get("programs"):
         parts.append(f"prog={c['programs']}")
     if c.get("hoist") is False:
@@ -152,7 +158,7 @@ def cfg_name(c: dict) -> str:
     return " ".join(parts[:1]) + " " + ",".join(parts[1:])
 
 
-def run_shape(m, k, transform, bw, args, failures) -> list[dict]:
+def run_shape(m, k, transform, bw, args, failures, permute="zigzag") -> list[dict]:
     from duquant.kernels import reference
     from duquant.kernels.triton_act import act_quant, build_act_plan
     from duquant.kernels.triton_act_tile import act_quant_tile
@@ -172,7 +178,7 @@ def run_shape(m, k, transform, bw, args, failures) -> list[dict]:
     def record(variant, fn, check_fn, required=True, config=None):
         """Check, then time. Wrong numbers always fail the run; an exploratory variant that does not compile
         (required=False) is reported, not failed."""
-        row = {"M": m, "K": k, "variant": variant, "floor us": floor, "config": config,
+        row = {"M": m, "K": k, "permute": permute, "variant": variant, "floor us": floor, "config": config,
                "default": bool(config and required)}
         try:
             row.update(check_fn())
@@ -198,7 +204,7 @@ def run_shape(m, k, transform, bw, args, failures) -> list[dict]:
 
     # the block-tile kernel, each configuration checked before it is timed
     outs = poisoned(m, k, dev)
-    cfgs = tile_configs(m, k, args.quick)
+    cfgs = tile_configs(m, k, args.quick, shuffle=permute == "shuffle")
     if dev == "cuda" and not args.quick:  # stage 2: the best stage-1 configuration with other grids / matrix loads
         cfgs.append("stage 2")
     for idx, c in enumerate(cfgs):
@@ -278,8 +284,8 @@ def run_shape(m, k, transform, bw, args, failures) -> list[dict]:
 
 def summarize(rows) -> list[dict]:
     out = []
-    for m, k in {(r["M"], r["K"]): None for r in rows}:
-        rs = [r for r in rows if r["M"] == m and r["K"] == k and r.get("ok") and "us" in r]
+    for m, k, perm in {(r["M"], r["K"], r["permute"]): None for r in rows}:
+        rs = [r for r in rows if (r["M"], r["K"], r["permute"]) == (m, k, perm) and r.get("ok") and "us" in r]
         if not rs:
             continue
         tiles = [r for r in rs if r["variant"].startswith("tile fp16")]
@@ -290,7 +296,7 @@ def summarize(rows) -> list[dict]:
             got = [r["us"] for r in rs if r["variant"].startswith(prefix)]
             return got[0] if got else None
 
-        s = {"M": m, "K": k, "floor us": rs[0]["floor us"], "old us": us("old"),
+        s = {"M": m, "K": k, "permute": perm, "floor us": rs[0]["floor us"], "old us": us("old"),
              "torch.compile us": us("torch.compile"), "tile default us": default and default["us"],
              "tile best us": best and best["us"], "tile best": best and best["variant"]}
         if best:
@@ -335,6 +341,8 @@ def main() -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--shapes", default="", help="e.g. 816x2048,51x1024 (default: all six)")
     p.add_argument("--device", default="cuda", help="cpu: checks only, under TRITON_INTERPRET=1 (no timing)")
+    p.add_argument("--permute", default="zigzag", help="zigzag, shuffle or both (zigzag,shuffle): the transform's "
+                   "permutation; shuffle runs as a fixed block transpose in the tile kernel where the width allows")
     args = p.parse_args()
     if args.device == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
@@ -353,9 +361,10 @@ def main() -> int:
     rows: list[dict] = []
     transforms = {}
     for m, k in shapes:
-        if k not in transforms:  # a real DuQuant transform (greedy rotations, zigzag), calibrated on random outliers
-            transforms[k] = random_transform(k, "duquant", 128, seed=k, steps=4)
-        rows += run_shape(m, k, transforms[k], bw, args, failures)
+        for perm in args.permute.split(","):
+            if (k, perm) not in transforms:  # a real DuQuant transform (greedy rotations), on random outliers
+                transforms[k, perm] = random_transform(k, "duquant", 128, seed=k, steps=4, permute=perm)
+            rows += run_shape(m, k, transforms[k, perm], bw, args, failures, perm)
     summary = summarize(rows)
     env = {**kernel_bench.env_info(), "copy GB/s": bw}
     if args.device == "cpu":
@@ -363,10 +372,11 @@ def main() -> int:
     md = (f"DuQuant activation transform, {env['gpu']}, torch {env['torch']}, triton {env['triton']}, {env['date']}. "
           f"Copy bandwidth {bw:.0f} GB/s; floor = (2 B + 1 B per element + 12 B per token) at that bandwidth. "
           "µs per call, CUDA-graph replays, input L2-hot.\n\n"
-          + table(summary, ["M", "K", "floor us", "old us", "torch.compile us", "tile default us", "tile best us",
-                            "best x floor", "target", "met", "tile best"])
+          + table(summary, ["M", "K", "permute", "floor us", "old us", "torch.compile us", "tile default us",
+                            "tile best us", "best x floor", "target", "met", "tile best"])
           + "\n## Every variant\n\n"
-          + table(rows, ["M", "K", "variant", "us", "x floor", "max |dcode|", "codes differing", "scale rel", "ok"]))
+          + table(rows, ["M", "K", "permute", "variant", "us", "x floor", "max |dcode|", "codes differing",
+                         "scale rel", "ok"]))
     return kernel_bench.finish(args.out, "act_transform", {"env": env, "summary": summary, "rows": rows}, md,
                                failures)
 

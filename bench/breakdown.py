@@ -39,8 +39,9 @@ from duquant.runtime import CapturedPolicy, compile_blocks, fuse_projections  # 
 
 CATEGORIES = ("gemm", "attention", "quantized linear")
 # variant -> (DuQuant W4A8 parts, w4a16 parts); "w4a8" is the default GPU configuration of bench/e2e.py
-QUANTIZED = {"w4a8": (("llm", "vision"), ()), "w4a8-all": (("llm", "vision", "expert"), ()),
-             "w4a8+w4a16": (("llm", "vision"), ("expert",))}
+QUANTIZED = {"w4a8": (("llm", "vision"), ()), "w4a8-llm": (("llm",), ()),
+             "w4a8-all": (("llm", "vision", "expert"), ()), "w4a8+w4a16": (("llm", "vision"), ("expert",))}
+SHUFFLE = "-shuffle"  # suffix of a quantized variant: permute=shuffle instead of zigzag (e.g. w4a8-llm-shuffle)
 
 
 @contextlib.contextmanager
@@ -149,11 +150,12 @@ def main() -> int:
         noise = torch.randn(a.batch, base.config.action_horizon, base.config.action_dim, device="cuda")
         for variant in a.variants.split(","):
             model = copy.deepcopy(base)
-            if variant in QUANTIZED:
+            if variant.removesuffix(SHUFFLE) in QUANTIZED:
                 from duquant import kernels
 
-                parts, weight_only = QUANTIZED[variant]
-                quantize_synthetic(model, parts, 4, weight_only=weight_only)
+                parts, weight_only = QUANTIZED[variant.removesuffix(SHUFFLE)]
+                quantize_synthetic(model, parts, 4, weight_only=weight_only,
+                                   permute="shuffle" if variant.endswith(SHUFFLE) else "zigzag")
                 kernels.prepare_gpu_model(model)
             elif variant != "bf16":
                 p.error(f"unknown variant {variant!r} (bf16, {', '.join(QUANTIZED)})")

@@ -32,7 +32,7 @@ from kernel_bench import env_info, median_event_ms, quantize_synthetic  # noqa: 
 from duquant.models import build_policy, make_synthetic_observation  # noqa: E402
 from duquant.runtime import CapturedPolicy, compile_blocks, fuse_projections  # noqa: E402
 
-# name -> (DuQuant parts, weight bits, fuse + compile, w4a16 parts)
+# name -> (DuQuant parts, weight bits or format name, fuse + compile, w4a16 parts)
 VARIANTS = {
     "bf16 plain": ((), 0, False, ()),
     "bf16 fast": ((), 0, True, ()),
@@ -42,7 +42,10 @@ VARIANTS = {
     "w4a16 expert fast": ((), 4, True, ("expert",)),
     "w4a8 all fast": (("llm", "vision", "expert"), 4, True, ()),
     "w8a8 llm+vision fast": (("llm", "vision"), 8, True, ()),
+    "w8a8-fp8 llm fast": (("llm",), "w8a8-fp8", True, ()),
+    "w8a8-fp8 llm w4a16 expert fast": (("llm",), "w8a8-fp8", True, ("expert",)),
 }
+SHUFFLE = " shuffle"  # suffix of a quantized variant: permute=shuffle, not zigzag ("w4a8 llm fast shuffle")
 TOLERANCE = {"bf16": 0.05, "quant": 0.5}  # relative L2 error of actions vs the plain eager model (see docs/gpu.md)
 
 
@@ -69,13 +72,14 @@ def run(models, batches, variants, iters: int, out: Path) -> int:
             with torch.no_grad():
                 inputs[batch] = (obs, noise, base.sample_actions(obs, noise=noise))
         for vname in variants:  # one model per variant (quantized and compiled once), captured per batch size
-            parts, wbits, fast, weight_only = VARIANTS[vname]
+            permute = "shuffle" if vname.endswith(SHUFFLE) else "zigzag"
+            parts, wbits, fast, weight_only = VARIANTS[vname.removesuffix(SHUFFLE)]
             model = copy.deepcopy(base) if (parts or fast or weight_only) else base
             t0 = time.perf_counter()
             if parts or weight_only:
                 from duquant import kernels
 
-                quantize_synthetic(model, parts, wbits, weight_only=weight_only)
+                quantize_synthetic(model, parts, wbits, weight_only=weight_only, permute=permute)
                 kernels.prepare_gpu_model(model)
             quant_s = time.perf_counter() - t0
             if fast:
@@ -146,11 +150,13 @@ def main() -> int:
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     p.add_argument("--models", default="pi0")
     p.add_argument("--batches", default="1")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}; "
+                   f"a quantized one may end in '{SHUFFLE}' (permute=shuffle)")
     p.add_argument("--iters", type=int, default=20)
     a = p.parse_args()
     variants = [v.strip() for v in a.variants.split(",")]
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v.removesuffix(SHUFFLE) not in VARIANTS
+               or (v.endswith(SHUFFLE) and not VARIANTS[v.removesuffix(SHUFFLE)][0])]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     return run(a.models.split(","), [int(b) for b in a.batches.split(",")], variants, a.iters, Path(a.out))

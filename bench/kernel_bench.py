@@ -430,12 +430,13 @@ _GROUP_NAMES = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("out_proj",), ("ga
                 ("fc1",), ("fc2",)]
 
 
-def quantize_synthetic(model, parts, wbits: int = 4, w_symmetric: bool = False, steps: int = 4,
-                       weight_only: tuple = ()) -> int:
+def quantize_synthetic(model, parts, wbits: int | str = 4, w_symmetric: bool = False, steps: int = 4,
+                       weight_only: tuple = (), permute: str = "zigzag") -> int:
     """Replace the transformer-block linears of `parts` by gpu-backend DuQuantLinear layers with real DuQuant
     transforms (searched once per input width on random outlier activations, not calibrated: this measures speed
-    and memory only). Parts in `weight_only` become w4a16 layers instead (no activation transform; the format
-    the action expert at M ~ 51 is meant to use)."""
+    and memory only). `wbits`: 4 or 8 (integer weights, int8 activations) or a format name with an online
+    transform (``w8a8-fp8``). Parts in `weight_only` become w4a16 layers instead (no activation transform; the
+    format the action expert at M ~ 51 is meant to use). ``permute``: zigzag or shuffle (docs/algorithm.md)."""
     from torch import nn
 
     from duquant.layers import DuQuantLinear
@@ -465,9 +466,15 @@ def quantize_synthetic(model, parts, wbits: int = 4, w_symmetric: bool = False, 
                 continue
             if k not in searched:
                 sample_w = torch.cat([lin.weight[:256].detach().float().cpu() for lin in lins])[:256]
-                searched[k] = random_transform(k, "duquant", 128, seed=n, steps=steps, weight=sample_w)
+                searched[k] = random_transform(k, "duquant", 128, seed=n, steps=steps, weight=sample_w,
+                                               permute=permute)
             # a copy per group: groups are told apart by their transform object (kernels.prepare_gpu_model)
             t = copy.deepcopy(searched[k]).to(dev)
+            if isinstance(wbits, str):
+                for g, lin in zip(grp, lins):
+                    setattr(mod, g, DuQuantLinear.from_linear(lin, wbits, transform=t, backend="gpu", act_clip=0.9))
+                n += 1
+                continue
             for g, lin in zip(grp, lins):
                 qw = quantize_weight(t.fold_into_weight(lin.weight.detach().float()), wbits, symmetric=w_symmetric,
                                      clip=0.9 if wbits <= 4 else 1.0)

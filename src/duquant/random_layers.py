@@ -22,7 +22,7 @@ def random_activations(m: int, k: int, seed: int = 0, outliers: int = 4, scale: 
 
 
 def random_transform(k: int, method: str = "duquant", block_size: int = 128, seed: int = 0, steps: int = 8,
-                     weight: torch.Tensor | None = None) -> LayerTransform:
+                     weight: torch.Tensor | None = None, permute: bool | str = True) -> LayerTransform:
     """duquant (greedy, calibrated on random outlier activations), hadamard, smoothquant or rtn."""
     g = torch.Generator().manual_seed(seed)
     if method == "rtn":
@@ -32,7 +32,7 @@ def random_transform(k: int, method: str = "duquant", block_size: int = 128, see
     sample = random_activations(256, k, seed=seed + 1)
     w = weight if weight is not None else torch.randn(64, k, generator=g) / math.sqrt(k)
     return build_transform(method, weight=w, act_absmax=sample.abs().amax(0), act_sample=sample,
-                           block_size=block_size, steps=steps, seed=seed)
+                           block_size=block_size, steps=steps, seed=seed, permute=permute)
 
 
 def random_group(k: int, outs: list[int], *, wbits: int = 4, w_symmetric: bool = False,
