@@ -119,10 +119,11 @@ def _gpu_ok() -> bool:
 @pytest.mark.parametrize("m,k", [(816, 2048), (51, 1024), (816, 16384), (51, 4096), (768, 1152), (768, 4304),
                                  (7, 2048)])
 @pytest.mark.parametrize("symmetric", [False, True])
-@pytest.mark.parametrize("perm_mode", ["scratch", "gather"])
+@pytest.mark.parametrize("perm_mode", ["scratch", "gather", "transpose"])
 def test_gpu_tile_kernel_matches_reference(m, k, symmetric, perm_mode):
     """Same bounds as the fused kernel's GPU test (docs/gpu.md): ieee -> the spec's codes but a rare +-1; fp16
-    (operands rounded like tf32) -> |dcode| <= 2 on a few %, scales within 0.5 %; split layout = natural reordered."""
+    (operands rounded like tf32) -> |dcode| <= 2 on a few %, scales within 0.5 %; split layout = natural reordered.
+    transpose: the layer's permutation replaced by the shuffle (widths of a power-of-two number of blocks)."""
     import torch
 
     from duquant.kernels import reference
@@ -131,6 +132,12 @@ def test_gpu_tile_kernel_matches_reference(m, k, symmetric, perm_mode):
     from duquant.random_layers import random_activations, random_layer
 
     layer = random_layer(k, 16, seed=k, steps=4)
+    if perm_mode == "transpose":
+        nb = k // 128
+        if k % 128 or nb & (nb - 1):
+            pytest.skip("the shuffle permutation needs a power-of-two number of full blocks")
+        g = 128 // nb
+        layer.transform.perm = torch.arange(k).view(nb, nb, g).permute(1, 0, 2).reshape(-1)
     x = random_activations(m, k, seed=m, dtype=torch.bfloat16, device="cuda")
     rc, rsx, rzx = reference.act_quant(x.cpu(), layer.transform, 8, symmetric, 0.9)
     plan = build_act_plan(layer.transform, k, "cuda")
