@@ -171,7 +171,7 @@ def test_dryrun_changes_nothing():
     report = quantize(model, CFG.replace(dryrun=True), progress=False, verbose=False)
     assert report.dryrun and len(report.lines) == 14
     assert ("layers.0.q_proj: 64\u219264, w4a8 (int4 weights, int8 activations), duquant, block 16, "
-            "permute on") in report.lines
+            "permute zigzag") in report.lines
     assert not any(isinstance(m, DuQuantLinear) for m in model.modules())
 
 

@@ -33,7 +33,7 @@ def test_layers_line_format(capsys):
     code, out, _ = run_cli(["layers", "--config", "pi0", "--preset", "llm"], capsys)
     first = out.splitlines()[0]
     assert first == (f"{LLM}layers.0.self_attn.q_proj: 2048\u21922048, w4a8 (int4 weights, int8 activations), "
-                     "duquant, block 128, permute on")
+                     "duquant, block 128, permute zigzag")
 
 
 def test_scope_from_environment(capsys, monkeypatch):

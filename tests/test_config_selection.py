@@ -123,7 +123,7 @@ def test_env_parsing_and_precedence():
            "OPENPI_DUQUANT_DEBUG": "1", "OPENPI_DUQUANT_PACKDIR": "/tmp/p", "OPENPI_DUQUANT_PROFILE": "1",
            "OPENPI_DUQUANT_INCLUDE_ACTION_HEAD": "1", "OPENPI_DUQUANT_BLOCK_OUT": "16"}
     cfg = DuQuantConfig.from_env(env)
-    assert (cfg.block_size, cfg.permute, cfg.row_rot, cfg.alpha, cfg.act_pct) == (16, False, "restore", 0.15, 99.9)
+    assert (cfg.block_size, cfg.permute, cfg.row_rot, cfg.alpha, cfg.act_pct) == (16, "none", "restore", 0.15, 99.9)
     assert cfg.bits_for("a.b.q_proj") == 8 and cfg.bits_for("x.mlp.down_proj") == 8 and cfg.bits_for("x.v") == 4
     assert cfg.layers == ("x.y", "z.w") and cfg.debug and cfg.packdir == "/tmp/p" and cfg.include_action_head
     # Python/CLI over environment
@@ -139,7 +139,7 @@ def test_env_parsing_and_precedence():
     ({"OPENPI_DUQUANT_BLOCK": "abc"}, "OPENPI_DUQUANT_BLOCK='abc' is not an integer"),
     ({"OPENPI_DUQUANT_ROW_ROT": "sideways"}, "row rotation"),
     ({"OPENPI_DUQUANT_WBITS": "q_proj"}, "must look like"),
-    ({"OPENPI_DUQUANT_PERMUTE": "maybe"}, "is not a boolean"),
+    ({"OPENPI_DUQUANT_PERMUTE": "maybe"}, "OPENPI_DUQUANT_PERMUTE: unknown permutation .maybe.; use one of zigzag, shuffle, none"),
 ])
 def test_bad_environment_values_name_the_variable(env, needle):
     with pytest.raises(ConfigError, match=needle):

@@ -24,7 +24,7 @@ from duquant.config import ConfigError, DuQuantConfig, env_is_active
 from duquant.layers import DuQuantLinear, rotate_rows
 from duquant.packs import PackStore, group_fingerprint, weight_fingerprint
 from duquant.quantizers import search_weight_clip, static_activation_qparams
-from duquant.selection import layer_line, part_counts, select_layers, selection_summary
+from duquant.selection import layer_line, part_counts, permutation_summary, select_layers, selection_summary
 from duquant.transform import LayerTransform, build_transform, hadamard_block_rotation
 
 NEEDS_ACTIVATIONS = {name for name, spec in registry.METHODS.items() if spec.needs_activations}
@@ -99,6 +99,7 @@ class LayerRecord:
     format: str = ""  # the layer's format name (duquant.formats): w4a8, w4a16, w8a8-fp8, ...
     format_label: str = ""  # Format.label(): "w4a16 (int4 weights, bf16 activations)"
     weight_rounding: str = "rtn"
+    permutation: str = "none"  # the permutation its transform uses (a shuffle request may give zigzag)
 
 
 @dataclass
@@ -151,6 +152,11 @@ class QuantReport:
                                        for part, per in self.format_counts().items()),
                f"calibration {self.calibration_seconds:.2f} s, quantization {self.quantization_seconds:.2f} s, "
                f"packs: {self.pack_hits} reused, {self.pack_misses} computed"]
+        perm_line = permutation_summary(self.config.get("permute", "zigzag"),
+                                        [(r.permutation, r.in_features) for r in self.layers
+                                         if r.permutation != "none"], self.config.get("block_size", 128))
+        if perm_line:
+            out.insert(2, perm_line)
         for name, why in self.stale[:5]:
             out.append(f"recomputed stale pack {name}: {why}")
         return "\n".join(out)
@@ -320,7 +326,8 @@ def quantize(model: nn.Module, config: DuQuantConfig | None = None,
             bytes_before=old.weight.numel() * old.weight.element_size()
             + (0 if old.bias is None else old.bias.numel() * old.bias.element_size()),
             bytes_after=new.weight_bytes(), act_clip=new.act_clip, format=new.format,
-            format_label=new.fmt.label(), weight_rounding=getattr(new, "weight_rounding", config.weight_rounding)))
+            format_label=new.fmt.label(), weight_rounding=getattr(new, "weight_rounding", config.weight_rounding),
+            permutation=new.transform.permutation))
     if verbose:
         _log("[duquant] " + report.summary().replace("\n", "\n[duquant] "))
     return report
@@ -503,6 +510,7 @@ def quantize_group(names: list[str], modules: dict[str, nn.Linear], stats: Layer
         layer.weight_rounding = weight_rounding
         layers[name] = layer.to(device)
         metas[name] = {"group": list(names), "transform_kind": transform.kind, "calibrated": stats is not None,
+                       "permutation": transform.permutation,
                        "act_clip": act_clip, "act_static": list(act_static) if act_static else None,
                        "wbits": bits, "w_symmetric": qw.symmetric, "w_group_size": config.w_group_size,
                        "abits": fmt.abits, "act_symmetric": config.act_symmetric, "method": method,
@@ -538,7 +546,7 @@ def layer_from_pack(tensors: dict[str, torch.Tensor], meta: dict, module: nn.Mod
                     config: DuQuantConfig) -> DuQuantLinear:
     out_f, in_f = meta["out_features"], meta["in_features"]
     transform = LayerTransform.from_tensors(tensors, "transform.", in_features=in_f, block_size=meta["block_size"],
-                                            kind=meta["transform_kind"])
+                                            kind=meta["transform_kind"], permutation=meta.get("permutation"))
     # packs written before formats were selectable hold no "format": the integer format of their bits
     fmt = formats.get(meta.get("format") or formats.name_for_bits(meta["wbits"], meta["abits"]))
     stored = SimpleNamespace(qweight=tensors["qweight"], w_scale=tensors["w_scale"], w_zero=tensors.get("w_zero"),

@@ -117,7 +117,7 @@ class DuQuantConfig:
     preset: str | None = None
     block_size: int = 128
     block_out: int | None = None  # accepted for the fork's scripts; used by row_rot="restore"
-    permute: bool = True
+    permute: str = "zigzag"  # a registered permutation (registry.PERMUTATIONS); True / False mean zigzag / none
     row_rot: str = "0"
     alpha: float | None = None  # smoothing strength (LS); None: 0.6 for duquant, 0.5 for smoothquant
     rotation_steps: int = 256
@@ -156,6 +156,8 @@ class DuQuantConfig:
             object.__setattr__(self, "include", p.include)
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {list(METHODS)} (--method)")
+        # normalised here, so Python's permute=True / False and every spelling hash and compare as one name
+        object.__setattr__(self, "permute", permutation_name("OPENPI_DUQUANT_PERMUTE / --permute", self.permute))
         if self.weight_rounding not in WEIGHT_ROUNDINGS:
             raise ConfigError(f"unknown weight rounding {self.weight_rounding!r}; choose one of "
                               f"{list(WEIGHT_ROUNDINGS)} (OPENPI_DUQUANT_WEIGHT_ROUNDING / --weight-rounding)")
@@ -347,6 +349,8 @@ class DuQuantConfig:
             # before formats were selectable stay valid): a w4a8 pack is never reused as w4a16 or fp8.
             relevant["format"] = fmt
             relevant["act_clip"] = self.activation_clip_for(format_spec(fmt).abits)
+        # zigzag / none hash as the bool permute once was (True / False), so packs written then stay valid
+        relevant["permute"] = registry.permutation(self.permute).hash_value
         for key, default in _PACK_FIELDS_SINCE_ROUNDING.items():  # only when set: older packs stay valid
             if relevant.get(key) == default:
                 relevant.pop(key)
@@ -437,6 +441,15 @@ def _bool(var: str, value: str) -> bool:
     raise ConfigError(f"{var}={value!r} is not a boolean; use 1 or 0")
 
 
+def permutation_name(var: str, value) -> str:
+    """A permutation setting (name, alias such as 1 / 0, or a bool) as its registered name; ConfigError naming
+    the variable and the choices otherwise."""
+    try:
+        return registry.permutation(value).name
+    except ValueError as err:
+        raise ConfigError(f"{var}: {err}") from None
+
+
 def _int(var: str, value: str) -> int:
     try:
         return int(value.strip())
@@ -495,7 +508,8 @@ ENV_VARS: dict[str, tuple[str | None, object, str]] = {
                          "per-layer formats 'name:format,re:<regex>:format'"),
     "BLOCK": ("block_size", _int, "rotation block size (paper 128; the fork's scripts use 16 or 64)"),
     "BLOCK_OUT": ("block_out", _int, "output-side block size for ROW_ROT=restore"),
-    "PERMUTE": ("permute", _bool, "zigzag permutation between the two rotations (1/0)"),
+    "PERMUTE": ("permute", permutation_name, f"permutation between the two rotations: one of "
+                f"{', '.join(registry.PERMUTATIONS)} (1 = zigzag, 0 = none)"),
     "ROW_ROT": ("row_rot", lambda v, x: x.strip().lower(), "output-side rotation: 0 | restore | propagate"),
     "LS": ("alpha", _float, "smoothing strength alpha in [0, 1]"),
     "ACT_PCT": ("act_pct", _float, "activation clipping percentile, e.g. 99.9"),
@@ -575,7 +589,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         "[FORMAT_OVERRIDES]")
     g.add_argument("--block-size", type=int, help="rotation block size (default 128) [BLOCK]")
     g.add_argument("--block-out", type=int, help="output block size for --row-rot restore [BLOCK_OUT]")
-    g.add_argument("--permute", type=lambda s: _bool("--permute", s), help="zigzag permutation 1|0 [PERMUTE]")
+    g.add_argument("--permute", type=lambda s: permutation_name("--permute", s),
+                   help=f"permutation between the rotations: {' | '.join(registry.PERMUTATIONS)} (default zigzag; "
+                        "1 = zigzag, 0 = none) [PERMUTE]")
     g.add_argument("--row-rot", choices=ROW_ROT_VALUES, help="output-side rotation [ROW_ROT]")
     g.add_argument("--alpha", type=float, help="smoothing strength (default 0.6) [LS]")
     g.add_argument("--act-pct", type=float, help="activation clipping percentile [ACT_PCT]")

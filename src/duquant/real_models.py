@@ -119,7 +119,8 @@ def embeddings(model: nn.Module, batches: list[dict]) -> torch.Tensor:
 
 def run_rows(model: nn.Module, tokenizer, kind: str, text: str, *, methods, bits, roundings, calibrations,
              seq_len: int = 256, calib_batches: int = 8, eval_batches: int = 8, batch_size: int = 16,
-             base: DuQuantConfig | None = None, progress: bool = True, on_row=None) -> tuple[list[dict], dict]:
+             base: DuQuantConfig | None = None, progress: bool = True, on_row=None,
+             permutations=None) -> tuple[list[dict], dict]:
     from tqdm.auto import tqdm
 
     base = (base or DuQuantConfig()).replace(scope="", include=BLOCK_LINEARS, preset=None)
@@ -164,12 +165,14 @@ def run_rows(model: nn.Module, tokenizer, kind: str, text: str, *, methods, bits
     setup = time.perf_counter() - t0
 
     rows, transforms = [], {}
-    runs = [(b, m, r, c) for b in bits for m in methods for r in roundings for c in calibrations]
-    for (wbits, abits), method, rounding, mode in tqdm(runs, desc="report", disable=not progress):
-        from duquant.report import variant_label
+    from duquant.report import permutation_note, row_permutations, variant_label
 
+    runs = [(b, m, p, r, c) for b in bits for m in methods for p in row_permutations(m, permutations, base.permute)
+            for r in roundings for c in calibrations]
+    for (wbits, abits), method, perm, rounding, mode in tqdm(runs, desc="report", disable=not progress):
         sequential = mode == "sequential"
-        cfg = base.replace(method=method, wbits=wbits, abits=abits, weight_rounding=rounding, sequential=sequential)
+        cfg = base.replace(method=method, wbits=wbits, abits=abits, weight_rounding=rounding, sequential=sequential,
+                           permute=perm or base.permute)
         originals = dict(sel.modules)
         start = time.perf_counter()
         try:
@@ -187,8 +190,9 @@ def run_rows(model: nn.Module, tokenizer, kind: str, text: str, *, methods, bits
         finally:
             for name, module in originals.items():
                 _set_module(model, name, module)
-        rows.append({"method": method, "weight_rounding": rounding, "calibration": mode,
-                     "label": variant_label(method, rounding, mode), "bits": f"w{wbits}a{abits}", "wbits": wbits,
+        rows.append({"method": method, "weight_rounding": rounding, "calibration": mode, "permutation": perm,
+                     **permutation_note(rep),
+                     "label": variant_label(method, rounding, mode, perm), "bits": f"w{wbits}a{abits}", "wbits": wbits,
                      "abits": abits, "num_layers": len(rep.layers), metric: score, **extra,
                      "quant_seconds": round(quant_s, 2)})
         if on_row is not None:  # e.g. print each row as it comes (a real model takes minutes per row on a CPU)
@@ -221,12 +225,15 @@ def to_markdown(doc: dict) -> str:
             else:
                 vals.append(f"{r['cosine']:.4f} (min {r['cosine_min']:.3f})")
         lines.append(f"| {lab} | " + " | ".join(vals) + " |")
+    from duquant.report import permutation_legend
+
+    lines += permutation_legend([{**r, "part": "all"} for r in doc["rows"]])
     lines += ["", f"Total {doc['timing']['total_seconds']} s."]
     return "\n".join(lines) + "\n"
 
 
 def run_report_cli(args) -> int:
-    from duquant.report import METHODS, _atomic_text, parse_bits, parse_variants
+    from duquant.report import METHODS, _atomic_text, parse_bits, parse_permutations, parse_variants
     from duquant.workflows import parse_dtype
 
     t_start = time.perf_counter()
@@ -239,6 +246,7 @@ def run_report_cli(args) -> int:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {list(METHODS)}")
     roundings, modes = parse_variants(args)
+    permutations = parse_permutations(args)
     model, tokenizer, kind = load_checkpoint(args.checkpoint, device=args.device, dtype=parse_dtype(args.dtype))
     base_kwargs = {}
     if args.block_size:
@@ -253,7 +261,7 @@ def run_report_cli(args) -> int:
     rows, info = run_rows(model, tokenizer, kind, text, methods=methods, bits=parse_bits(args.bits),
                           roundings=roundings, calibrations=modes, seq_len=args.seq_len,
                           calib_batches=args.calib_batches, eval_batches=args.eval_batches,
-                          base=base, progress=not args.quiet)
+                          base=base, progress=not args.quiet, permutations=permutations)
     changed = {k: getattr(base, k) for k in SHARED_SETTINGS if getattr(base, k) != getattr(DuQuantConfig(), k)}
     doc = {"schema_version": 1, "duquant_version": __version__,
            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

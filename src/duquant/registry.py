@@ -1,7 +1,8 @@
-"""The one registry of choices: transform methods and weight roundings.
+"""The one registry of choices: transform methods, weight roundings and DuQuant's permutations.
 
 Adding a method or a rounding is one module (``duquant/methods/<name>.py`` with ``build(...)``, or
-``duquant/rounding/<name>.py`` with ``round_weight(...)``) and one ``register_*`` line at the bottom of this file.
+``duquant/rounding/<name>.py`` with ``round_weight(...)``) and one ``register_*`` line at the bottom of this file;
+a permutation is a planner function (``duquant.transform.zigzag_plan``'s signature) and one line.
 Everything else (config validation, CLI choices, ``build_transform``, which methods need calibration data, the
 report's method list, pack keys) reads these tables.
 
@@ -27,6 +28,7 @@ class MethodSpec:
     needs_activations: bool  # calibration statistics required (an error without them, or a documented fallback)
     default_alpha: float | None  # smoothing strength when --alpha / OPENPI_DUQUANT_LS is not given
     summary: str
+    permutes: bool = False  # takes config.permute (the report runs one row per permutation for it)
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,28 @@ class RoundingSpec:
     default_w_clip: float | None = None  # weight clip when --w-clip is not given; None: 0.8 at <= 4 bits, else 1.0
 
 
+@dataclass(frozen=True)
+class PermutationSpec:
+    """The permutation between DuQuant's two rotations (``config.permute``). `planner` is "module:function" with
+    the signature of ``duquant.transform.zigzag_plan``; None means no permutation and no second rotation."""
+
+    name: str
+    planner: str | None
+    summary: str
+    aliases: tuple[str, ...] = ()  # other spellings accepted from the environment / CLI (lower case)
+    label: str = ""  # suffix of the report's row label ("duquant+shuffle"); "" for the default
+    # The value hashed into pack keys. permute was a bool when packs were first written: zigzag and none hash as
+    # True and False did, so those packs stay valid.
+    hash_value: bool | str = ""
+    # "module:function" (in_features, block_size) -> why this permutation cannot take that width, or None; a layer
+    # it cannot take gets `fallback` instead (and the summaries say so).
+    unsupported: str | None = None
+    fallback: str | None = None
+
+
 METHODS: dict[str, MethodSpec] = {}
 ROUNDINGS: dict[str, RoundingSpec] = {}
+PERMUTATIONS: dict[str, PermutationSpec] = {}
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:
@@ -59,6 +81,13 @@ def register_rounding(spec: RoundingSpec) -> RoundingSpec:
     return spec
 
 
+def register_permutation(spec: PermutationSpec) -> PermutationSpec:
+    if spec.name in PERMUTATIONS:
+        raise ValueError(f"permutation {spec.name!r} is already registered")
+    PERMUTATIONS[spec.name] = spec
+    return spec
+
+
 def method(name: str) -> MethodSpec:
     try:
         return METHODS[name]
@@ -71,6 +100,26 @@ def rounding(name: str) -> RoundingSpec:
         return ROUNDINGS[name]
     except KeyError:
         raise ValueError(f"unknown weight rounding {name!r}; use one of {', '.join(ROUNDINGS)}") from None
+
+
+def permutation(value: str | bool) -> PermutationSpec:
+    """The permutation a config value names: a registered name or alias (any case; True and False are the
+    aliases "true" and "false", the bool permute once was). ValueError listing the choices otherwise."""
+    key = str(value).strip().lower()
+    for spec in PERMUTATIONS.values():
+        if key == spec.name or key in spec.aliases:
+            return spec
+    raise ValueError(f"unknown permutation {value!r}; use one of {', '.join(PERMUTATIONS)} "
+                     "(1/true/on mean zigzag, 0/false/off mean none)")
+
+
+def permutation_fallback(name: str, in_features: int, block_size: int) -> tuple[str, str | None]:
+    """(the permutation a layer of this width gets when `name` is asked for, why it is not `name` or None)."""
+    spec = permutation(name)
+    why = load(spec.unsupported)(in_features, block_size) if spec.unsupported else None
+    if why is None:
+        return spec.name, None
+    return permutation_fallback(spec.fallback, in_features, block_size)[0], why
 
 
 FORMATS = "duquant.formats"  # the formats registry (names(), get(name)), imported on first use
@@ -98,7 +147,20 @@ register_method(MethodSpec("smoothquant", "duquant.methods.smoothquant:build", T
 register_method(MethodSpec("hadamard", "duquant.methods.hadamard:build", False, None,
                            "block Hadamard rotation, QuaRot-style, no smoothing"))
 register_method(MethodSpec("duquant", "duquant.methods.duquant:build", True, 0.6,
-                           "smoothing + greedy block rotation + zigzag permutation + second rotation (the paper)"))
+                           "smoothing + greedy block rotation + zigzag permutation + second rotation (the paper)",
+                           permutes=True))
+
+register_permutation(PermutationSpec("zigzag", "duquant.transform:zigzag_plan",
+                                     "channels dealt over the blocks by magnitude, in snake order (the paper)",
+                                     aliases=("1", "true", "yes", "on"), hash_value=True))
+register_permutation(PermutationSpec("shuffle", "duquant.transform:shuffle_plan",
+                                     "a fixed transpose-like permutation (R1's columns sorted by magnitude); widths "
+                                     "whose block count does not divide the block size get zigzag",
+                                     label="+shuffle", hash_value="shuffle",
+                                     unsupported="duquant.transform:shuffle_unsupported", fallback="zigzag"))
+# "" is "none" because the bool parser read an empty OPENPI_DUQUANT_PERMUTE as false
+register_permutation(PermutationSpec("none", None, "rot1 only, no permutation or second rotation (the paper's Perm0)",
+                                     aliases=("0", "false", "no", "off", ""), label="+noperm", hash_value=False))
 
 register_rounding(RoundingSpec("rtn", "duquant.rounding.rtn:round_weight", False,
                                "round to nearest with a fixed clip"))

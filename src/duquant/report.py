@@ -36,9 +36,42 @@ METHODS = tuple(registry.METHODS)  # rtn, smoothquant, hadamard, duquant (duquan
 CALIBRATION_MODES = ("one-pass", "sequential")
 
 
-def variant_label(method: str, rounding: str = "rtn", calibration: str = "one-pass") -> str:
-    """A row's method with its options: "duquant", "duquant+gptq", "duquant+gptq+seq"."""
-    return method + ("" if rounding == "rtn" else f"+{rounding}") + ("+seq" if calibration == "sequential" else "")
+def variant_label(method: str, rounding: str = "rtn", calibration: str = "one-pass",
+                  permutation: str | None = None) -> str:
+    """A row's method with its options: "duquant", "duquant+gptq", "duquant+shuffle+gptq+seq" (the permutation's
+    registered label: none for the default zigzag, and for methods that take no permutation, permutation None)."""
+    perm = registry.permutation(permutation).label if permutation is not None else ""
+    return (method + perm + ("" if rounding == "rtn" else f"+{rounding}")
+            + ("+seq" if calibration == "sequential" else ""))
+
+
+def row_permutations(method: str, permutations: Sequence[str] | None, default: str) -> list[str | None]:
+    """The permutations a method's rows run: each of `permutations` (default: the configured one) for a method
+    registered with ``permutes``, [None] (one row, permutation irrelevant) for the others."""
+    if not registry.method(method).permutes:
+        return [None]
+    return [registry.permutation(p).name for p in (permutations or [default])]
+
+
+def parse_permutations(args) -> list[str] | None:
+    """--permutations as registered names (None when not given: the configured permutation)."""
+    text = getattr(args, "permutations", None)
+    if not text:
+        return None
+    return list(dict.fromkeys(registry.permutation(p).name for p in text.split(",") if p.strip()))
+
+
+def permutation_note(rep) -> dict:
+    """What a row's layers got: {"permutations_used": {name: layers}, "permutation_note": the quantize summary's
+    line, naming the layers that fell back and why}."""
+    from duquant.selection import permutation_summary
+
+    used = [(r.permutation, r.in_features) for r in rep.layers if r.permutation != "none"]
+    counts: dict[str, int] = {}
+    for name, _ in used:
+        counts[name] = counts.get(name, 0) + 1
+    return {"permutations_used": counts,
+            "permutation_note": permutation_summary(rep.config["permute"], used, rep.config["block_size"])}
 PARTS = ("llm", "dit", "vision", "full")
 
 
@@ -154,9 +187,11 @@ def run_rows(model: nn.Module, *, targets: Sequence[Target], methods: Sequence[s
              forward: Callable[[nn.Module, Any, int], Any],
              base: DuQuantConfig | None = None, progress: bool = True, packdir: str | None = None,
              layer_tokens: int = 256, roundings: Sequence[str] | None = ("rtn",),
-             calibrations: Sequence[str] = ("one-pass",)) -> tuple[list[dict], dict]:
-    """The measurement loop shared by the pi0 report and report_model: formats x parts x methods x weight
-    roundings x calibration modes, every row from the same float model and the same calibration data. `bits`
+             calibrations: Sequence[str] = ("one-pass",), permutations: Sequence[str] | None = None
+             ) -> tuple[list[dict], dict]:
+    """The measurement loop shared by the pi0 report and report_model: formats x parts x methods (x permutations,
+    for methods that take one; `permutations` None: the base config's) x weight roundings x calibration modes,
+    every row from the same float model and the same calibration data. `bits`
     holds (wbits, abits) pairs or format names (w8a8-fp8, w4a16: ``format_rows`` says which methods and
     roundings each gets). One-pass rows share one recorded calibration (and the transforms built from it, across
     formats and parts); sequential rows rerun `calibrate_fn` block by block (its first pass is the shared one)."""
@@ -195,17 +230,19 @@ def run_rows(model: nn.Module, *, targets: Sequence[Target], methods: Sequence[s
 
     rows = []
     transforms: dict = {}  # built transforms, shared by the one-pass rows (they do not depend on the bits)
-    runs = [(f, t, m, r, c) for f in fmt_names for t in targets
-            for (f2, m, r) in variants if f2 == f for c in calibrations]
+    runs = [(f, t, m, p, r, c) for f in fmt_names for t in targets
+            for (f2, m, r) in variants if f2 == f for p in row_permutations(m, permutations, base.permute)
+            for c in calibrations]
     bar = tqdm(runs, desc="report", disable=not progress)
-    for fmt_name, target, method, rounding, mode in bar:
+    for fmt_name, target, method, perm, rounding, mode in bar:
         fmt = formats.get(fmt_name)
         wbits, abits = fmt.wbits, fmt.abits
-        label = variant_label(method, rounding, mode)
+        label = variant_label(method, rounding, mode, perm)
         bar.set_postfix_str(f"{fmt_name} {target.name} {label}")
         sequential = mode == "sequential"
         cfg = configs[target.name].replace(method=method, format=fmt_name, wbits=wbits, abits=abits, packdir=None,
-                                           weight_rounding=rounding, sequential=sequential)
+                                           weight_rounding=rounding, sequential=sequential,
+                                           permute=perm or base.permute)
         if packdir:
             cfg = cfg.replace(packdir=str(Path(packdir) / f"{target.name}-{label}-{fmt_name}"))
         sel = select_layers(model, cfg)
@@ -228,6 +265,7 @@ def run_rows(model: nn.Module, *, targets: Sequence[Target], methods: Sequence[s
         after = rep.bytes_after
         rows.append({
             "part": target.name, "method": method, "weight_rounding": rounding, "calibration": mode,
+            "permutation": perm, **permutation_note(rep),
             "label": label, "bits": fmt_name, "format": fmt_name, "format_label": fmt.label(),
             "wbits": wbits, "abits": abits, "num_layers": len(rep.layers),
             "action_rel_mse": rel_mse, "action_max_abs": float((pred - ref).abs().max()),
@@ -249,7 +287,7 @@ def report_model(model: nn.Module, make_inputs: Callable[[int], Any], forward: C
                  bits: Sequence[tuple[int, int] | str] = ((4, 8),), calib_batches: int = 8, eval_batches: int = 4,
                  base: DuQuantConfig | None = None, progress: bool = False,
                  roundings: Sequence[str] | None = ("rtn",),
-                 calibrations: Sequence[str] = ("one-pass",)) -> dict:
+                 calibrations: Sequence[str] = ("one-pass",), permutations: Sequence[str] | None = None) -> dict:
     """Layer-error and output-error report for any nn.Module built from nn.Linear.
 
     `make_inputs(i)` returns the i-th batch (calibration uses 0..calib_batches-1, evaluation the next ones);
@@ -266,7 +304,7 @@ def report_model(model: nn.Module, make_inputs: Callable[[int], Any], forward: C
     rows, info = run_rows(model, targets=targets or [Target("all")], methods=methods, bits=bits,
                           calibrate_fn=calibrate_fn, eval_inputs=eval_inputs,
                           forward=lambda m, x, i: _as_tensor(forward(m, x)), base=base, progress=progress,
-                          roundings=roundings, calibrations=calibrations)
+                          roundings=roundings, calibrations=calibrations, permutations=permutations)
     bytes_total = _param_bytes(model)
     for r in rows:
         r["model_bytes_before"] = bytes_total
@@ -326,6 +364,10 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
                         "formats such as w4a16: rtn,gptq)")
     p.add_argument("--calibrations", default="one-pass",
                    help="comma-separated calibration modes: one-pass, sequential (default one-pass)")
+    p.add_argument("--permutations", default=None,
+                   help=f"comma-separated permutations of {list(registry.PERMUTATIONS)}: one row each for the "
+                        "methods that take one (duquant; labels duquant, duquant+shuffle, duquant+noperm); default: "
+                        "the configured one (zigzag)")
     p.add_argument("--calib", help="calibration observations (.safetensors/.npz) or a LeRobot dataset directory "
                    "(see docs/report.md)")
     p.add_argument("--text", help="transformers checkpoint: text file scored by perplexity (causal LM) or "
@@ -364,6 +406,7 @@ def run_report_cli(args, load_calib=None) -> int:
 
     t_start = time.perf_counter()
     roundings, modes = parse_variants(args)
+    permutations = parse_permutations(args)
     parts = [s for s in args.parts.split(",") if s]
     for part in parts:
         if part not in PRESETS:
@@ -409,7 +452,7 @@ def run_report_cli(args, load_calib=None) -> int:
     rows, info = run_rows(model, targets=targets, methods=methods, bits=bits,
                           calibrate_fn=wf.calibration_fn(calib_obs, progress=not args.quiet),
                           eval_inputs=eval_obs, forward=forward, base=base, progress=not args.quiet,
-                          packdir=args.packdir, roundings=roundings, calibrations=modes)
+                          packdir=args.packdir, roundings=roundings, calibrations=modes, permutations=permutations)
     model_bytes = _param_bytes(model)
     for r in rows:
         r["model_bytes_before"] = model_bytes
@@ -467,6 +510,7 @@ def to_markdown(doc: dict) -> str:
             f"{_mib(r['model_bytes_before'])} → {_mib(r['model_bytes_after'])} | {r['quant_seconds']:.2f} | "
             f"{r['packs_reused']} |")
     lines += format_legend(doc["rows"])
+    lines += permutation_legend(doc["rows"])
     if doc.get("full_size_memory"):
         lines += ["", "## Weight memory at full size (computed from shapes, bf16 → packed 4-bit + scales)", "",
                   "| config | part | layers | weights GiB | model GiB | model saving |",
@@ -504,6 +548,14 @@ def format_legend(rows: list[dict]) -> list[str]:
         out[-1] += (f" {', '.join(weight_only)}: weight-only, no activation transform; its rows differ by weight "
                     "rounding (`rtn`: round to nearest, `rtn+gptq`: GPTQ).")
     return out
+
+
+def permutation_legend(rows: list[dict]) -> list[str]:
+    """Under the table, for every row whose layers did not all get the permutation asked for: which permutation
+    the layers got and why (e.g. shuffle on 24 layers, zigzag on the 8 whose width it cannot take)."""
+    notes = [f"- {r['part']} / {r['label']} / {r['bits']}: {r['permutation_note']}" for r in rows
+             if r.get("permutation") and set(r.get("permutations_used") or {}) - {r["permutation"]}]
+    return ["", "Permutations (layers that did not get the one asked for, and why):", *notes] if notes else []
 
 
 def plot_action_error(doc: dict, path: Path) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from duquant import registry
 from duquant.config import PART_SCOPES, PRESETS, DuQuantConfig
 
 
@@ -126,13 +127,43 @@ def part_counts(names) -> dict[str, int]:
     return {p: counts.get(p, 0) for p in (*PART_SCOPES, "other")}
 
 
+def permutation_summary(requested: str, layers: list[tuple[str, int]], block_size: int) -> str:
+    """One line from (permutation used, in_features) of the layers that have one, e.g. "permutation: shuffle x8,
+    zigzag x2 (2 layers got zigzag instead of shuffle: 1152 channels are 9 blocks of 128, and 9 does not divide
+    128)"; "" when no layer has one. Layers that did not get the requested permutation are counted with the
+    reason (registry.permutation_fallback): a fallback is never silent."""
+    if not layers:
+        return ""
+    counts: dict[str, int] = {}
+    for used, _ in layers:
+        counts[used] = counts.get(used, 0) + 1
+    line = "permutation: " + ", ".join(f"{k} x{v}" for k, v in counts.items())
+    fell = [(used, width) for used, width in layers if used != requested]
+    if fell:
+        why = dict.fromkeys(registry.permutation_fallback(requested, w, block_size)[1] or f"{w} channels"
+                            for _, w in fell)
+        line += (f" ({len(fell)} layers got {'/'.join(sorted({u for u, _ in fell}))} instead of {requested}: "
+                 + "; ".join(why) + ")")
+    return line
+
+
+def planned_permutations(selection: Selection, config: DuQuantConfig) -> list[tuple[str, int]]:
+    """(permutation, in_features) of every selected layer that will get one: the method takes config.permute
+    and the layer's format an online transform; a width the requested permutation cannot take gets its fallback."""
+    if not registry.method(config.method).permutes or registry.permutation(config.permute).planner is None:
+        return []
+    return [(registry.permutation_fallback(config.permute, m.in_features, config.block_size)[0], m.in_features)
+            for n, m in selection.modules.items() if config.layer_format_spec(n).online_transform]
+
+
 def layer_line(name: str, module: nn.Module, config: DuQuantConfig) -> str:
     """One selected layer: shape, format (its ``Format.label()``: what the weights and activations are), transform
     method (a weight-only format such as w4a16 runs none, whatever the method) and, when not rtn, weight rounding."""
     fmt = config.layer_format_spec(name)
     method = config.method if fmt.online_transform else "no transform"
     if method == "duquant":
-        extra = f", block {config.block_size}, permute {'on' if config.permute else 'off'}"
+        used, why = registry.permutation_fallback(config.permute, module.in_features, config.block_size)
+        extra = f", block {config.block_size}, permute {used}" + (f" ({config.permute}: {why})" if why else "")
     elif method == "hadamard":
         extra = f", block {config.block_size}"
     else:
@@ -144,11 +175,15 @@ def layer_line(name: str, module: nn.Module, config: DuQuantConfig) -> str:
 
 def selection_summary(model: nn.Module, selection: Selection, config: DuQuantConfig) -> str:
     counts = part_counts(selection.names)
-    return "\n".join([
+    lines = [
         f"[duquant] scope={config.scope!r} include={config.include!r} exclude={config.effective_exclude!r}",
         f"[duquant] nn.Linear in model: {selection.total_linear}; selected: {len(selection)}",
         "[duquant] per part: " + ", ".join(f"{k} {v}" for k, v in counts.items()),
-    ])
+    ]
+    perm = permutation_summary(config.permute, planned_permutations(selection, config), config.block_size)
+    if perm:
+        lines.append(f"[duquant] {perm}")
+    return "\n".join(lines)
 
 
 @dataclass

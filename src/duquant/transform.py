@@ -13,7 +13,10 @@ is folded into the weight offline, so before rounding the layer computes the sam
   whose first row is uniform (1/sqrt(bs)); the prefix of steps with the smallest max |x| is kept. One matrix
   is shared by every full block (paper, Remark 2); a narrower last block (C % bs != 0) gets its own.
 - perm: zigzag permutation that deals the channels, largest first, over the blocks in snake order, so every
-  block gets a similar share of the remaining outliers.
+  block gets a similar share of the remaining outliers; or (``permute="shuffle"``) a fixed transpose-like
+  permutation that takes an equal chunk of every block into every block, with R1's columns reordered so each
+  chunk holds a balanced share of the large positions (``shuffle_plan``). The choice is registered in
+  ``duquant.registry`` (PERMUTATIONS).
 - rot2: a second greedy rotation on the permuted activations.
 
 Rotations are stored as [nb, bs, bs] float32; the last block of width r < bs uses the top-left r x r corner of
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 
@@ -39,10 +43,16 @@ __all__ = [
     "greedy_block_rotation",
     "greedy_blocks",
     "hadamard_block_rotation",
+    "is_shuffle_permutation",
+    "PermutationPlan",
     "random_orthogonal",
+    "shuffle_permutation",
+    "shuffle_plan",
+    "shuffle_unsupported",
     "smoothing_scales",
     "uniform_first_row_rotation",
     "zigzag_permutation",
+    "zigzag_plan",
 ]
 
 
@@ -243,6 +253,93 @@ def _snake_next(cur: int, direction: int, k: int) -> tuple[int, int]:
     return nxt, direction
 
 
+def shuffle_unsupported(c: int, block_size: int) -> str | None:
+    """Why the shuffle permutation cannot take C = c channels in blocks of block_size, or None when it can: every
+    block must be full (c % bs == 0) and the nb = c // bs blocks must cut a block into nb equal chunks (nb divides
+    bs). With bs = 128 that is c = 128 * 2^k up to 16384; SigLIP's 1152 and 4304 and Gemma-270M's 640 are not."""
+    if c < block_size or c % block_size:
+        return f"{c} channels are not whole {block_size}-wide blocks"
+    nb = c // block_size
+    if block_size % nb:
+        return f"{c} channels are {nb} blocks of {block_size}, and {nb} does not divide {block_size}"
+    return None
+
+
+def shuffle_permutation(c: int, block_size: int) -> torch.Tensor:
+    """The shuffle permutation (int64 [c], x_new = x[..., perm] as for ``zigzag_permutation``): with nb = c // bs
+    blocks and chunks of g = bs // nb channels, new block j takes chunk j of every old block, old block b's chunk
+    landing at chunk b: perm[n] = b*bs + j*g + e for n = j*bs + b*g + e. With g = 1 (c = bs^2) it is the
+    transpose of the token seen as [bs blocks, bs]. Data-independent, so a kernel can hard-code it; ValueError
+    for a width it cannot take (``shuffle_unsupported``)."""
+    why = shuffle_unsupported(c, block_size)
+    if why is not None:
+        raise ValueError(f"no shuffle permutation: {why}; such layers use zigzag")
+    g = block_size // (c // block_size)
+    n = torch.arange(c, dtype=torch.long)
+    j, b, e = n // block_size, (n % block_size) // g, n % g
+    return b * block_size + j * g + e
+
+
+def is_shuffle_permutation(t: LayerTransform) -> bool:
+    """Whether t's permutation is exactly ``shuffle_permutation(t.in_features, t.block_size)`` (compares the
+    tensor, so it holds for packs written before the permutation was recorded; syncs when perm is on a GPU)."""
+    if t.perm is None or shuffle_unsupported(t.in_features, t.block_size) is not None:
+        return False
+    return torch.equal(t.perm.detach().cpu().long(), shuffle_permutation(t.in_features, t.block_size))
+
+
+class PermutationPlan(NamedTuple):
+    """What a permutation planner (registry.PermutationSpec.planner) returns."""
+
+    rot1: torch.Tensor  # the first rotation, possibly with its columns reordered (float32 [nb, bs, bs])
+    perm: torch.Tensor  # int64 [C] on the sample's device
+    x2: torch.Tensor  # the sample in the new basis, permuted: what the second rotation is searched on
+    name: str  # the permutation used (a fallback names the one it fell back to)
+
+
+def zigzag_plan(x1: torch.Tensor, rot1: torch.Tensor, block_size: int) -> PermutationPlan:
+    """Zigzag (``zigzag_permutation``) on x1 = the smoothed sample after rot1, [T, C]; rot1 unchanged."""
+    perm = zigzag_permutation(x1.abs().amax(dim=0), block_size).to(x1.device)
+    return PermutationPlan(rot1, perm, x1[:, perm], "zigzag")
+
+
+def _snake_chunks(stat: torch.Tensor, chunks: int) -> torch.Tensor:
+    """Positions sorted by `stat` (descending, stable) dealt over `chunks` equal chunks in snake order 0, 1, ...,
+    k-1, k-1, ..., 0, 0, 1, ...; returns chunk 0's positions (largest first), then chunk 1's, ... (int64)."""
+    stat = torch.nan_to_num(stat.detach().float().cpu(), nan=-1.0)
+    order = torch.argsort(stat, descending=True, stable=True)
+    i = torch.arange(order.numel())
+    rnd, k = i // chunks, i % chunks
+    chunk = torch.where(rnd % 2 == 0, k, chunks - 1 - k)
+    # within a chunk, dealing order is rank order: sort by (chunk, rank)
+    return order[torch.argsort(chunk * order.numel() + i)]
+
+
+def shuffle_plan(x1: torch.Tensor, rot1: torch.Tensor, block_size: int) -> PermutationPlan:
+    """The shuffle permutation, or zigzag for a width it cannot take (``shuffle_unsupported``; the summaries
+    report those layers).
+
+    R1 is shared by all blocks, so every block's position p carries the same part of the spectrum: m[p] = max
+    over tokens and blocks of |x1[:, b*bs + p]|. The positions sorted by m are dealt over the nb chunks in snake
+    order (sigma: chunk 0's positions largest first, then chunk 1's, ...), and sigma is folded into R1 as a column
+    reorder (R1[b][:, sigma], free at run time). ``shuffle_permutation`` then gives every new block one chunk of
+    every old block, i.e. an even share of the large positions, with a fixed pattern a kernel can hard-code."""
+    c = x1.shape[1]
+    if shuffle_unsupported(c, block_size) is not None:
+        return zigzag_plan(x1, rot1, block_size)
+    nb = c // block_size
+    if x1.shape[0]:
+        m = x1.abs().reshape(-1, nb, block_size).amax(dim=(0, 1))
+    else:
+        m = torch.zeros(block_size)
+    sigma = _snake_chunks(m, nb)
+    perm = shuffle_permutation(c, block_size)
+    # column n of x2 is column perm[n] of x1 @ R1[:, sigma] blockwise, i.e. column (perm[n] // bs)*bs +
+    # sigma[perm[n] % bs] of x1: an exact gather, no second rotation of the sample
+    src = (perm // block_size) * block_size + sigma[perm % block_size]
+    return PermutationPlan(rot1[:, :, sigma].contiguous(), perm.to(x1.device), x1[:, src.to(x1.device)], "shuffle")
+
+
 def _sylvester(n: int) -> torch.Tensor:
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < n:
@@ -283,6 +380,7 @@ class LayerTransform:
     perm: torch.Tensor | None = None  # int64 [C]
     rot2: torch.Tensor | None = None  # float32 [nb, bs, bs]
     kind: str = "identity"
+    permutation: str = "none"  # the permutation perm is (registry.PERMUTATIONS): zigzag, shuffle or none
     _shared_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -409,8 +507,11 @@ class LayerTransform:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str = "", in_features: int | None = None,
-                     block_size: int | None = None, kind: str = "identity") -> LayerTransform:
-        """Inverse of `to_tensors`; validates shapes and dtypes (a ValueError names what is wrong)."""
+                     block_size: int | None = None, kind: str = "identity", permutation: str | None = None
+                     ) -> LayerTransform:
+        """Inverse of `to_tensors`; validates shapes and dtypes (a ValueError names what is wrong). `permutation`
+        None (packs written before it was recorded): read from perm, shuffle when it is the shuffle
+        permutation, zigzag when it is another one, none without one."""
         if in_features is None or block_size is None:
             raise ValueError("from_tensors needs in_features and block_size")
         parts = {k: tensors.get(prefix + k) for k in ("smooth", "rot1", "perm", "rot2")}
@@ -423,6 +524,9 @@ class LayerTransform:
             parts["perm"] = parts["perm"].long()
         t = cls(int(in_features), int(block_size), kind=kind, **parts)
         t.validate()
+        if permutation is None:
+            permutation = "none" if t.perm is None else "shuffle" if is_shuffle_permutation(t) else "zigzag"
+        t.permutation = permutation
         return t
 
     def validate(self, check_values: bool = False) -> None:
@@ -468,7 +572,7 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 def build_transform(method: str, *, weight: torch.Tensor, act_absmax: torch.Tensor | None,
                     act_sample: torch.Tensor | None, block_size: int = 128, alpha: float = 0.6,
-                    steps: int = 256, permute: bool = True, seed: int = 0) -> LayerTransform:
+                    steps: int = 256, permute: str | bool = "zigzag", seed: int = 0) -> LayerTransform:
     """The input transform of one layer, or of layers sharing one input (pass their weights concatenated on
     dim 0: the smoothing's weight statistic is then the max over all of them; pass q's weight alone to mimic
     the official code, which uses q_proj's / up_proj's maxima for the whole q/k/v and gate/up groups).
@@ -478,10 +582,14 @@ def build_transform(method: str, *, weight: torch.Tensor, act_absmax: torch.Tens
     stays there); the result is on the CPU. Non-finite tokens of the sample are dropped; act_absmax defaults to
     the sample's.
 
+    `permute` names a registered permutation (zigzag, shuffle, none; True / False mean zigzag / none); only
+    methods registered with ``permutes`` use it.
+
     Deterministic for a given seed (the random Q' of the greedy steps and of non-power-of-two Hadamard
     blocks)."""
     from duquant import registry
 
+    permute = registry.permutation(permute).name
     builder = registry.load(registry.method(method).builder)
     if weight.dim() != 2:
         raise ValueError(f"weight must be [out, C], got shape {tuple(weight.shape)}")

@@ -8,7 +8,7 @@ from duquant.transform import LayerTransform, smoothing_scales
 
 
 def build(weight: torch.Tensor, *, act_absmax: torch.Tensor | None, act_sample: torch.Tensor | None,
-          block_size: int, alpha: float, steps: int, permute: bool, generator: torch.Generator) -> LayerTransform:
+          block_size: int, alpha: float, steps: int, permute: str, generator: torch.Generator) -> LayerTransform:
     if act_absmax is None:
         raise ValueError("smoothquant needs the activations' per-channel absmax (calibration data)")
     smooth = smoothing_scales(act_absmax, weight.abs().amax(dim=0), alpha)
