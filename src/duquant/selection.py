@@ -142,7 +142,8 @@ def permutation_summary(requested: str, layers: list[tuple[str, int]], block_siz
     if fell:
         why = dict.fromkeys(registry.permutation_fallback(requested, w, block_size)[1] or f"{w} channels"
                             for _, w in fell)
-        line += (f" ({len(fell)} layers got {'/'.join(sorted({u for u, _ in fell}))} instead of {requested}: "
+        line += (f" ({len(fell)} layer{'s' * (len(fell) != 1)} got {'/'.join(sorted({u for u, _ in fell}))} "
+                 f"instead of {requested}: "
                  + "; ".join(why) + ")")
     return line
 
