@@ -101,18 +101,17 @@ def poison_allocator(nbytes: int, device="cuda") -> None:
 
 
 def tile_configs(m: int, k: int, quick: bool, shuffle: bool = False) -> list[dict]:
-    """The kernel's own default first (required to pass), then explicit launch configurations. With the shuffle
-    permutation the default is the transpose mode; the table modes run it too, for comparison."""
+    """The kernel's own default first (required to pass), then explicit launch configurations; with the shuffle
+    permutation also its transpose mode (triton_act_tile.shuffle_piece)."""
     from duquant.kernels.triton_act_tile import default_config
 
     nbp = 1 << max(0, (-(-k // 128) - 1).bit_length())
     br0, w0, p0 = default_config(m, k)
     cfgs = [dict(precision="fp16")]
     if quick:
-        cfgs.append(dict(block_tokens=br0, num_warps=w0, perm_mode=p0 if shuffle else 1 - p0, precision="fp16"))
-        if shuffle and nbp >= 64:  # the 128-row tile: more warps, matrices per tile (frees shared memory)
-            cfgs += [dict(block_tokens=br0, num_warps=16, perm_mode=2, precision="fp16"),
-                     dict(block_tokens=br0, num_warps=w0, perm_mode=2, precision="fp16", hoist=False)]
+        if shuffle and br0 * nbp < 128:  # (the transpose mode's 128-row tile does not fit in shared memory)
+            cfgs.append(dict(block_tokens=br0, num_warps=w0, perm_mode=2, precision="fp16"))
+        cfgs.append(dict(block_tokens=br0, num_warps=w0, perm_mode=1 - p0, precision="fp16"))
         return cfgs
     for rows in sorted({max(16, 16 // nbp * nbp), 32, 64, 128}):
         br = max(1, rows // nbp)
@@ -120,7 +119,7 @@ def tile_configs(m: int, k: int, quick: bool, shuffle: bool = False) -> list[dic
         if rows < 16 or rows > 256:
             continue
         for warps in ((4,) if rows <= 32 else (4, 8) if rows == 64 else (8, 16)):  # ~64 fp32 acc regs/thread
-            for pm in ((0, 1, 2) if shuffle else (0, 1)):
+            for pm in ((0, 1, 2) if shuffle and rows < 128 else (0, 1)):
                 # a 128-row tile holds x, y and both matrices: loading the matrices per tile frees ~64 registers
                 for hoist in ((True, False) if rows >= 128 else (True,)):
                     c = dict(block_tokens=br, num_warps=warps, perm_mode=pm, precision="fp16", chunk_rows=0)

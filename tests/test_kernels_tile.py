@@ -136,6 +136,8 @@ def test_gpu_tile_kernel_matches_reference(m, k, symmetric, perm_mode):
         nb = k // 128
         if k % 128 or nb & (nb - 1):
             pytest.skip("the shuffle permutation needs a power-of-two number of full blocks")
+        if k == 16384:
+            pytest.skip("a 128-row tile does not fit in shared memory in the transpose mode (refused by name)")
         g = 128 // nb
         layer.transform.perm = torch.arange(k).view(nb, nb, g).permute(1, 0, 2).reshape(-1)
     x = random_activations(m, k, seed=m, dtype=torch.bfloat16, device="cuda")
@@ -181,7 +183,7 @@ _SHUFFLE_SCRIPT = PREAMBLE + textwrap.dedent("""
         ref = reference.split_int4_order(rc) if layout == "split" else rc
         for prec in ("ieee", "fp16"):
             codes, sx, zx, rs = act_quant_tile(x, plan, symmetric=False, clip=0.9, layout=layout, precision=prec,
-                                               block_tokens=br)
+                                               block_tokens=br, perm_mode="transpose")
             d = (codes.int() - ref.int()).abs()
             max_d, max_rate, rtol = (0, 0.0, 1e-6) if prec == "ieee" else (1, 0.05, 2e-3)
             assert int(d.max()) <= max_d and float((d > 0).float().mean()) <= max_rate, (k, bs, prec)

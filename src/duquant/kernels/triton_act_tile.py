@@ -15,7 +15,7 @@ bench/act_transform.py):
 - 1 ``gather``: ``tl.gather`` on the flattened tile (Triton lowers a cross-warp gather through shared memory);
 - 2 ``transpose``: only for the shuffle permutation (``permute=shuffle``; ``shuffle_piece``), whose exchange
   between blocks is fixed: the token's [NB, NB, G] view with two axes swapped, a register/shared-memory transpose
-  with no table and no scratch round trip. Picked by default whenever the plan's permutation is the shuffle.
+  with no table and no scratch round trip. Explicit only: measured slower than the scratch gather (shuffle_piece).
 
 Rotation precision (``precision``), all with float32 accumulation:
 
@@ -469,14 +469,15 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
         warps = 8 if chunk_rows >= 32 else 4  # ptxas, sm_90: 250 registers, no spills (32 rows on 4 warps spill)
     br = block_tokens or br
     warps = num_warps or warps
-    piece = shuffle_piece(plan)
     if perm_mode is not None:
         pmode = PERM_MODES[perm_mode] if isinstance(perm_mode, str) else int(perm_mode)
-    elif piece and not chunk_rows:
-        pmode = PERM_MODES["transpose"]
-    if pmode == PERM_MODES["transpose"] and not piece:
-        raise ValueError("perm_mode='transpose' runs only the shuffle permutation (permute=shuffle, K a power-of-"
-                         "two number of blocks dividing the block size); this layer's permutation is another")
+    if pmode == PERM_MODES["transpose"]:
+        if not shuffle_piece(plan):
+            raise ValueError("perm_mode='transpose' runs only the shuffle permutation (permute=shuffle, K a power-of-"
+                             "two number of blocks dividing the block size); this layer's permutation is another")
+        if (block_tokens or br) * nbp >= 128:
+            raise ValueError("perm_mode='transpose' with a 128-row tile needs 288 KB of shared memory (sm_90 has "
+                             "227 KB); use perm_mode='scratch'")
     if chunk_rows:
         return _launch_chunked(x, plan, codes, scale, zero, rowsum, symmetric, clip, layout, precision, exact_div,
                                programs, fp8, int(chunk_rows), nbp, warps)
@@ -505,7 +506,7 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
         float(clip), int(plan.last_block),
         BR=br, NBP=nbp, BS=bs, SYMMETRIC=bool(symmetric), DOT=PRECISIONS[precision], PERM_MODE=pmode,
         EXACT_DIV=bool(exact_div), USE_LIBDEVICE=not _INTERPRET and libdevice is not None, HOIST=bool(hoist),
-        SPLIT=layout == "split", FP8=bool(fp8), ROUND_E4M3=_INTERPRET, EVEN=k == nbp * bs, G=piece or 1,
+        SPLIT=layout == "split", FP8=bool(fp8), ROUND_E4M3=_INTERPRET, EVEN=k == nbp * bs, G=shuffle_piece(plan) or 1,
         num_warps=warps, **flags,
     )
     return codes, scale, zero, rowsum
@@ -513,8 +514,11 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
 
 def shuffle_piece(plan: ActPlan) -> int:
     """G when the plan's permutation is the shuffle (``permute=shuffle``: with nb = K / BS blocks and G = BS / nb,
-    output block j of a token is the j-th G-wide piece of each block, in block order), else 0. The kernel then
-    swaps pieces in registers (PERM_MODE 2) instead of gathering through a table. Checked once per plan."""
+    output block j of a token is the j-th G-wide piece of each block, in block order), else 0: the permutation the
+    transpose mode (PERM_MODE 2) can run. Not the default: on the H200 it took 22.9 us at 816 x 2048 where the
+    scratch gather of the same permutation took 16.0 (Triton's layout conversions for the 4-D permute cost more
+    than the gather they replace), and its 128-row tile (K = 16384) does not fit in shared memory. Checked once
+    per plan."""
     cache = plan.__dict__.setdefault("_shuffle_piece", {})
     if "g" not in cache:
         k, bs, g = plan.K, plan.BS, 0
