@@ -236,6 +236,17 @@ def run_shape(m, k, transform, bw, args, failures, permute="zigzag") -> list[dic
         record(cfg_name(c), lambda c=c: act_quant_tile(x, plan, clip=0.9, out=outs, **c), tile_check,
                required=idx == 0, config=c)
 
+    # the default configuration writing the packed-int4 GEMM's order (what W4 layers run)
+    kc = 2 * (-(-k // 2))
+    outs_split = poisoned(m, kc, dev)
+
+    def split_check():
+        got = act_quant_tile(x, plan, clip=0.9, layout="split", out=poisoned(m, kc, dev))
+        return check(f"{m}x{k} split", got, (ref_split,) + ref[1:], "fp16", failures)
+
+    record("W4 split order, tile fp16 default", lambda: act_quant_tile(x, plan, clip=0.9, layout="split",
+                                                                      out=outs_split), split_check)
+
     # the same kernel writing e4m3 codes (format w8a8-fp8 with the DuQuant transform): spec formats/fp8.py
     from duquant.formats.fp8 import fp8_quantize
 

@@ -111,6 +111,22 @@ def _block_transpose(y, BR: tl.constexpr, NB: tl.constexpr, G: tl.constexpr):
 
 
 @triton.jit
+def _store_codes(row_ptr, q, chan, mask, K, R: tl.constexpr, BS: tl.constexpr, SPLIT: tl.constexpr):
+    """Store an [R, BS] tile of int8 codes at row_ptr + channel. SPLIT: the packed-int4 GEMM's order, even channels
+    then odd ones (reference.split_int4_order): the tile is deinterleaved in registers and written as two runs of
+    contiguous bytes, not one byte store per element to an address computed per channel (one 128-byte row of a
+    natural tile now stays two 64-byte runs)."""
+    if SPLIT:
+        ev, od = tl.split(tl.reshape(q, (R, BS // 2, 2)))
+        c_ev, c_od = tl.split(tl.reshape(chan, (R, BS // 2, 2)))
+        m_ev, m_od = tl.split(tl.reshape(mask, (R, BS // 2, 2)))
+        tl.store(row_ptr + c_ev // 2, ev, mask=m_ev)
+        tl.store(row_ptr + ((K + 1) // 2) + c_od // 2, od, mask=m_od)
+    else:
+        tl.store(row_ptr + chan, q, mask=mask)
+
+
+@triton.jit
 def _masked(v, valid, other, EVEN: tl.constexpr):
     if EVEN:
         out = v
@@ -239,12 +255,9 @@ def _tile_act_kernel(
             else:
                 q = tl.minimum(tl.maximum(q + _to_rows(zero, BR, NBP)[:, None], 0.0), 255.0) - 128.0
             qi = q.to(tl.int32)
-            if SPLIT:  # the packed-int4 GEMM's order: even channels, then odd ones (reference.split_int4_order)
-                dest = (chan // 2) + (chan % 2) * ((K + 1) // 2)
-            else:
-                dest = chan
             smask = tmask[:, None] & valid
-            tl.store(codes_ptr + tok[:, None].to(tl.int64) * stride_cm + dest, qi.to(tl.int8), mask=smask)
+            _store_codes(codes_ptr + tok[:, None].to(tl.int64) * stride_cm, qi.to(tl.int8), chan,
+                         tl.broadcast_to(smask, (R, BS)), K, R, BS, SPLIT)
             tl.store(scale_ptr + toks, scale, mask=tm)
             if not SYMMETRIC:
                 tl.store(zero_ptr + toks, zero - 128.0, mask=tm)
@@ -374,11 +387,8 @@ def _tile_act_chunked_kernel(
                 else:
                     q = tl.minimum(tl.maximum(q + zero, 0.0), 255.0) - 128.0
                 qi = q.to(tl.int32)
-                if SPLIT:
-                    dest = (chan // 2) + (chan % 2) * ((K + 1) // 2)
-                else:
-                    dest = chan
-                tl.store(codes_ptr + tl.cast(tok, tl.int64) * stride_cm + dest, qi.to(tl.int8), mask=valid)
+                _store_codes(codes_ptr + tl.cast(tok, tl.int64) * stride_cm, qi.to(tl.int8), chan,
+                             tl.broadcast_to(valid, (RC, BS)), K, RC, BS, SPLIT)
                 rsum += tl.sum(tl.sum(tl.where(valid, qi, 0), axis=1), axis=0)
         tl.store(scale_ptr + tok, scale)
         if not FP8:
