@@ -72,6 +72,8 @@ def permutation_note(rep) -> dict:
         counts[name] = counts.get(name, 0) + 1
     return {"permutations_used": counts,
             "permutation_note": permutation_summary(rep.config["permute"], used, rep.config["block_size"])}
+
+
 PARTS = ("llm", "dit", "vision", "full")
 
 
