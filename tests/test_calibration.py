@@ -7,46 +7,19 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from duquant.calibration import ActivationRecorder, LayerStats
 from duquant.config import DuQuantConfig
 from duquant.models import build_policy, make_synthetic_observation
 from duquant.selection import select_layers
 from duquant.token_sample import TokenReservoir
-
-# Ops that read a device value on the host: explicit reads, and ops whose output size depends on the data.
-HOST_READS = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::_unique2", "aten::unique_dim",
-              "aten::unique_consecutive", "aten::masked_select", "aten::index.Tensor_bool"}
-
-
-class _HostReads(TorchDispatchMode):
-    """Records host reads of device values and copies between devices. On the meta device (the stand-in for a GPU
-    here) data-dependent ops fail, so the watch also records the attempt."""
-
-    def __init__(self):
-        super().__init__()
-        self.events: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.name() in HOST_READS:
-            self.events.append(func.name())
-        if "device" in kwargs and kwargs["device"] is not None:
-            ins = {a.device.type for a in args if isinstance(a, torch.Tensor)}
-            if ins and ins != {torch.device(kwargs["device"]).type}:
-                self.events.append(f"{func.name()} {sorted(ins)} -> {kwargs['device']}")
-        try:
-            return func(*args, **kwargs)
-        except (NotImplementedError, RuntimeError) as err:
-            self.events.append(f"{func.name()} failed on the data: {err}")
-            raise
+from host_reads import HostReads
 
 
 def test_the_watch_sees_host_reads():
     x = torch.empty(5, device="meta")
     for bad in (lambda: (x > 0).nonzero(), lambda: x.sum().item(), lambda: torch.zeros(2).to("meta")):
-        with _HostReads() as w:
+        with HostReads() as w:
             with pytest.raises((NotImplementedError, RuntimeError)):
                 bad()
                 raise RuntimeError("the watch must have seen it")  # .to("meta") succeeds: only the event counts
@@ -59,7 +32,7 @@ def test_calibration_hooks_never_read_the_device(hessian):
     modules = select_layers(model, DuQuantConfig(preset="full")).modules
     obs = make_synthetic_observation(model.config, batch_size=2, seed=0).to("meta")
     noise = torch.empty(2, model.config.action_horizon, model.config.action_dim, device="meta")
-    with ActivationRecorder(modules, max_tokens=64, hessian=hessian) as rec, torch.no_grad(), _HostReads() as w:
+    with ActivationRecorder(modules, max_tokens=64, hessian=hessian) as rec, torch.no_grad(), HostReads() as w:
         for _ in range(2):  # the second pass merges into full samples and partly filled staging buffers
             model.sample_actions(obs, noise=noise)
     assert w.events == []

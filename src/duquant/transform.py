@@ -35,6 +35,7 @@ import torch
 # Rows of the [tokens * blocks, bs] view that one greedy search works on (largest row norms first; see
 # _greedy).
 MAX_GREEDY_ROWS = 1024
+GREEDY_WINDOW_ELEMENTS = 1 << 24  # float32 running products one greedy search keeps at once (64 MiB)
 SMOOTH_MIN = 1e-2  # the official code's truncation: smoothing scales below 0.01 become 0.01
 
 __all__ = [
@@ -157,24 +158,40 @@ def _greedy(y: torch.Tensor, steps: int, generator: torch.Generator | None) -> t
         return torch.eye(n, dtype=torch.float64)
     base = uniform_first_row_rotation(n, generator)
     step = _step_matrices(base.float()).to(y.device)
+    dev = y.device
     cur, nxt = y.float().clone(), torch.empty_like(y, dtype=torch.float32)  # never write into the caller's y
-    # The running product is carried in float32 beside the rows (n more rows of work per step, ~n/rows of the
-    # search) and the best one kept on the device without a sync; it is made exactly orthogonal at the end.
-    rot, rot_nxt = torch.eye(n, device=y.device), torch.empty(n, n, device=y.device)
-    lo, hi = torch.aminmax(cur, dim=0)
-    col = torch.maximum(hi, -lo)
-    best_m, best_rot = col.max(), rot.clone()
-    for _ in range(steps):
-        d = col.argmax()
-        torch.matmul(cur, step[d], out=nxt)
-        torch.matmul(rot, step[d], out=rot_nxt)
-        cur, nxt, rot, rot_nxt = nxt, cur, rot_nxt, rot
-        lo, hi = torch.aminmax(cur, dim=0)
-        col = torch.maximum(hi, -lo)
-        m = col.max()
+    # Each step is five kernels writing into preallocated buffers: the gather of S[d] (indexing with the 0-d d would
+    # read it on the host, a sync per step on a GPU), two matmuls, the column max |y| and its max/argmax. The
+    # running products (float32, beside the rows: ~n/rows more work) of a window of steps are kept, and the best
+    # of a window is compared with the best so far once per window; made exactly orthogonal at the end.
+    window = max(1, min(steps, GREEDY_WINDOW_ELEMENTS // (n * n)))
+    rots = torch.empty(window + 1, n, n, device=dev)  # rots[i]: product of the steps before window step i
+    maxes = torch.empty(window + 1, device=dev)  # max |y| after those steps
+    picks = torch.empty(window + 1, dtype=torch.long, device=dev)  # the channel holding it: the next step's d
+    col = torch.empty(n, device=dev)
+    rots[0].copy_(torch.eye(n, device=dev))
+    torch.linalg.vector_norm(cur, ord=math.inf, dim=0, out=col)
+    torch.max(col, 0, out=(maxes[0], picks[0]))
+    best_m, best_rot = maxes[0].clone(), rots[0].clone()
+    done = 0
+    while done < steps:
+        w = min(window, steps - done)
+        for i in range(w):
+            s = step.index_select(0, picks[i:i + 1])[0]
+            torch.matmul(cur, s, out=nxt)
+            torch.matmul(rots[i], s, out=rots[i + 1])
+            cur, nxt = nxt, cur
+            torch.linalg.vector_norm(cur, ord=math.inf, dim=0, out=col)
+            torch.max(col, 0, out=(maxes[i + 1], picks[i + 1]))
+        k = maxes[1:w + 1].argmin(dim=0, keepdim=True) + 1  # the window's first minimum
+        m = maxes.index_select(0, k)[0]
         better = m < best_m  # strict: a later equal max does not replace the earlier, shorter prefix
         best_m = torch.where(better, m, best_m)
-        best_rot = torch.where(better, rot, best_rot)
+        best_rot = torch.where(better, rots.index_select(0, k)[0], best_rot)
+        rots[0].copy_(rots[w])
+        maxes[0].copy_(maxes[w])
+        picks[0].copy_(picks[w])
+        done += w
     # Polar factor (nearest orthogonal matrix) in float64 removes the float32 drift of up to `steps` products.
     u, _, vh = torch.linalg.svd(best_rot.double().cpu())
     return u @ vh
