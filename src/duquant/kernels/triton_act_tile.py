@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from duquant.kernels.triton_act import ActPlan, _max_programs, _next_pow2, _rint, libdevice
+from duquant.transform import is_shuffle_permutation
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -533,13 +534,9 @@ def shuffle_piece(plan: ActPlan) -> int:
     per plan."""
     cache = plan.__dict__.setdefault("_shuffle_piece", {})
     if "g" not in cache:
-        k, bs, g = plan.K, plan.BS, 0
-        nb = k // bs
-        if plan.perm_fwd is not None and k == nb * bs and nb & (nb - 1) == 0 and bs % nb == 0:
-            canonical = torch.arange(k, device=plan.perm_fwd.device).view(nb, nb, bs // nb).transpose(0, 1)
-            if torch.equal(plan.perm_fwd[:k].long(), canonical.reshape(-1)):
-                g = bs // nb
-        cache["g"] = g
+        t = plan.transform
+        shuffle = t is not None and plan.BS == t.block_size and is_shuffle_permutation(t)
+        cache["g"] = plan.BS // (plan.K // plan.BS) if shuffle else 0
     return cache["g"]
 
 
