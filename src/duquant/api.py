@@ -25,6 +25,7 @@ from duquant.layers import DuQuantLinear, rotate_rows
 from duquant.packs import PackStore, group_fingerprint, weight_fingerprint
 from duquant.quantizers import search_weight_clip, static_activation_qparams
 from duquant.selection import layer_line, part_counts, permutation_summary, select_layers, selection_summary
+from duquant.timing import PhaseTimer, null_timer
 from duquant.transform import LayerTransform, build_transform, hadamard_block_rotation
 
 NEEDS_ACTIVATIONS = {name for name, spec in registry.METHODS.items() if spec.needs_activations}
@@ -114,6 +115,9 @@ class QuantReport:
     pack_misses: int = 0
     stale: list[tuple[str, str]] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
+    # Wall seconds per phase (duquant.timing): fingerprints, pack_loads, calibration, transform_search, rounding,
+    # pack_writes, swap; transform_search + rounding make up most of quantization_seconds.
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -152,6 +156,8 @@ class QuantReport:
                                        for part, per in self.format_counts().items()),
                f"calibration {self.calibration_seconds:.2f} s, quantization {self.quantization_seconds:.2f} s, "
                f"packs: {self.pack_hits} reused, {self.pack_misses} computed"]
+        if self.phase_seconds:
+            out.append("phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.phase_seconds.items()))
         perm_line = permutation_summary(self.config.get("permute", "zigzag"),
                                         [(r.permutation, r.in_features) for r in self.layers
                                          if r.permutation != "none"], self.config.get("block_size", 128))
@@ -221,10 +227,14 @@ def quantize(model: nn.Module, config: DuQuantConfig | None = None,
         orphans = store.sweep_orphans()
         if orphans and verbose:
             _log(f"[duquant] removed {len(orphans)} temporary file(s) a killed pack write left in {store.root}")
-    fingerprints = {n: weight_fingerprint(m.weight, m.bias) for n, m in selection.modules.items()}
+    first = next(iter(selection.modules.values()), None)
+    timer = PhaseTimer(first.weight.device if first is not None else None)
+    with timer("fingerprints"):
+        fingerprints = {n: weight_fingerprint(m.weight, m.bias) for n, m in selection.modules.items()}
 
     # 1. Packs: a layer whose pack matches its config and weights (and its group's weights) is loaded.
     loaded: dict[str, DuQuantLinear] = {}
+    start = time.perf_counter()
     if store is not None:
         for name, module in selection.modules.items():
             meta, why = store.check(name, config_hash=config.layer_hash(name),
@@ -250,6 +260,7 @@ def quantize(model: nn.Module, config: DuQuantConfig | None = None,
     for name in partial:
         del loaded[name]
     todo = {n: m for n, m in selection.modules.items() if n not in loaded}
+    timer.add("pack_loads", time.perf_counter() - start)
 
     # 2. Calibration, only for what the packs did not provide.
     calib: CalibrationResult | None = None
@@ -264,7 +275,8 @@ def quantize(model: nn.Module, config: DuQuantConfig | None = None,
             raise ValueError("sequential calibration runs the calibration passes once per block: pass "
                              "calibrate=fn (or set sequential=False to use a recorded calibration)")
         built, report.calibration_seconds, report.quantization_seconds = _quantize_sequential(
-            model, todo, calibrate, config, calibration, transforms, progress)
+            model, todo, calibrate, config, calibration, transforms, progress, timer)
+        timer.add("calibration", report.calibration_seconds)
     elif todo and needs_stats and calibration is not None:
         missing = [n for n in why_stats if n not in calibration.stats]
         if missing:
@@ -277,6 +289,7 @@ def quantize(model: nn.Module, config: DuQuantConfig | None = None,
         calib = run_calibration(model, todo, calibrate, max_tokens=config.calib_tokens, seed=config.seed,
                                 hessian=_wants_hessian(config))
         report.calibration_seconds = calib.seconds
+        timer.add("calibration", calib.seconds)
     elif todo and any(why != "clip_search" for why in why_stats.values()):
         # Never a quiet weight-only DuQuant: its rotations would be built for the weights, not the activations.
         # (clip_search alone falls back to the weight MSE, as documented.)
@@ -291,11 +304,12 @@ def quantize(model: nn.Module, config: DuQuantConfig | None = None,
     if not built:
         start = time.perf_counter()
         groups = calib.groups if calib is not None else [[n] for n in todo]
-        built = _quantize_groups(groups, todo, calib, config, transforms, progress)
+        built = _quantize_groups(groups, todo, calib, config, transforms, progress, timer)
         report.quantization_seconds = time.perf_counter() - start
 
     # 4. Save new packs, swap modules, build the report.
     manifest = {}
+    start = time.perf_counter()
     for name in todo:
         layer, meta = built[name]
         if store is not None:
@@ -310,10 +324,12 @@ def quantize(model: nn.Module, config: DuQuantConfig | None = None,
         loaded[name] = layer
     if store is not None and manifest:
         store.write_manifest(manifest)
+    timer.add("pack_writes", time.perf_counter() - start)  # the copies to the host read the device's results
     report.pack_hits = len(selection) - len(todo)
     report.pack_misses = len(todo)
     report.stale = list(store.stale) if store is not None else []
 
+    start = time.perf_counter()
     for name in selection.names:
         old = selection.modules[name]
         new = loaded[name]
@@ -328,6 +344,8 @@ def quantize(model: nn.Module, config: DuQuantConfig | None = None,
             bytes_after=new.weight_bytes(), act_clip=new.act_clip, format=new.format,
             format_label=new.fmt.label(), weight_rounding=getattr(new, "weight_rounding", config.weight_rounding),
             permutation=new.transform.permutation))
+    timer.add("swap", time.perf_counter() - start)
+    report.phase_seconds = timer.rounded()
     if verbose:
         _log("[duquant] " + report.summary().replace("\n", "\n[duquant] "))
     return report
@@ -353,8 +371,8 @@ def _wants_hessian(config: DuQuantConfig) -> bool:
 
 
 def _quantize_groups(groups: list[list[str]], todo: dict[str, nn.Linear], calib: CalibrationResult | None,
-                     config: DuQuantConfig, transforms: dict | None, progress: bool
-                     ) -> dict[str, tuple[DuQuantLinear, dict]]:
+                     config: DuQuantConfig, transforms: dict | None, progress: bool,
+                     timer: PhaseTimer | None = None) -> dict[str, tuple[DuQuantLinear, dict]]:
     from tqdm.auto import tqdm
 
     if not config.share_transforms:
@@ -363,7 +381,8 @@ def _quantize_groups(groups: list[list[str]], todo: dict[str, nn.Linear], calib:
     built = {}
     for group in tqdm(groups, desc=f"quantize ({config.method})", disable=not progress, leave=False):
         stats = calib.stats.get(group[0]) if calib is not None else None  # None: a layer not recorded
-        layers, metas = quantize_group(group, {n: todo[n] for n in group}, stats, config, transforms=transforms)
+        layers, metas = quantize_group(group, {n: todo[n] for n in group}, stats, config, transforms=transforms,
+                                       timer=timer)
         for n in group:
             built[n] = (layers[n], metas[n])
     return built
@@ -371,7 +390,8 @@ def _quantize_groups(groups: list[list[str]], todo: dict[str, nn.Linear], calib:
 
 def _quantize_sequential(model: nn.Module, todo: dict[str, nn.Linear], calibrate: Callable[[nn.Module], None],
                          config: DuQuantConfig, first: CalibrationResult | None, transforms: dict | None,
-                         progress: bool) -> tuple[dict[str, tuple[DuQuantLinear, dict]], float, float]:
+                         progress: bool, timer: PhaseTimer | None = None
+                         ) -> tuple[dict[str, tuple[DuQuantLinear, dict]], float, float]:
     """Sequential calibration: block k's statistics are recorded with blocks 0..k-1 already quantized and
     swapped in. The first pass (over every layer, float model) gives the forward order, the groups and block 0's
     statistics; each later block costs one more run of `calibrate`."""
@@ -396,7 +416,7 @@ def _quantize_sequential(model: nn.Module, todo: dict[str, nn.Linear], calibrate
                                     seed=config.seed, hessian=hessian)
             calib_s += calib.seconds
         start = time.perf_counter()
-        stage_built = _quantize_groups(groups, todo, calib, config, transforms, progress=False)
+        stage_built = _quantize_groups(groups, todo, calib, config, transforms, progress=False, timer=timer)
         quant_s += time.perf_counter() - start
         for name, (layer, _) in stage_built.items():
             layer.backend = config.backend
@@ -441,7 +461,7 @@ def transformed_hessian(transform: LayerTransform, stats: LayerStats | None, x_t
 
 
 def quantize_group(names: list[str], modules: dict[str, nn.Linear], stats: LayerStats | None,
-                   config: DuQuantConfig, transforms: dict | None = None
+                   config: DuQuantConfig, transforms: dict | None = None, timer: PhaseTimer | None = None
                    ) -> tuple[dict[str, DuQuantLinear], dict[str, dict]]:
     """One transform for layers that share their input, then each layer's weight folded and stored in its format
     (``config.layer_format``): integer weights rounded by the configured weight rounding (duquant/rounding/),
@@ -456,11 +476,17 @@ def quantize_group(names: list[str], modules: dict[str, nn.Linear], stats: Layer
                          "(split_by_transform)")
     online = specs[names[0]].online_transform
     method = config.method if online else "rtn"  # rtn: the registered "no transform" method
+    timer = timer or null_timer()
     sample = stats.sample if stats is not None else None
-    if online:
-        transform = group_transform(names, modules, stats, config, transforms)
-    else:
-        transform = LayerTransform(first.in_features, config.block_size, kind="identity")
+    with timer("transform_search"):
+        if online:
+            transform = group_transform(names, modules, stats, config, transforms)
+        else:
+            transform = LayerTransform(first.in_features, config.block_size, kind="identity")
+    start = timer.mark()
+    # On the layers' device once: apply / fold would otherwise copy the rotations there on every call, and the
+    # members then share one transform object there, as they do on the CPU.
+    transform = transform.to(device)
     x_t = transform.apply(sample) if sample is not None else None
     rounding = registry.rounding(config.weight_rounding)
     round_weight = registry.load(rounding.rounder)
@@ -518,6 +544,7 @@ def quantize_group(names: list[str], modules: dict[str, nn.Linear], stats: Layer
                        "block_size": config.block_size, "in_features": module.in_features,
                        "shape": [module.out_features, module.in_features],
                        "out_features": module.out_features}
+    timer.since("rounding", start)
     return layers, metas
 
 

@@ -116,6 +116,10 @@ class LayerStats:
         self._rows_seen += m
 
     # ---- results -----------------------------------------------------------------------------------------------
+    def settle(self) -> None:
+        """Process what is staged and read the counts back (the layer's only syncs); reading a result does it too."""
+        self._settle()
+
     def _settle(self) -> tuple:
         if self._settled is None:
             self._flush()
@@ -244,6 +248,8 @@ def calibrate(model: nn.Module, modules: dict[str, nn.Linear], run: Callable[[nn
     start = time.perf_counter()
     with ActivationRecorder(modules, max_tokens=max_tokens, seed=seed, hessian=hessian) as rec, torch.no_grad():
         run(model)
+    for s in rec.stats.values():
+        s.settle()  # inside the timing: it waits for the queued statistics work of the run
     missing = [n for n, s in rec.stats.items() if s.calls == 0]
     if missing:
         raise RuntimeError(f"calibration never called {len(missing)} selected layer(s), e.g. {missing[:3]}; the "

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import sys
+import time
 from pathlib import Path
 
 from duquant import lerobot_data
@@ -94,7 +95,9 @@ def cmd_quantize(args) -> int:
         return cmd_layers(args)
     config_name = args.config or (None if args.checkpoint else args.default_config)
     dtype = wf.parse_dtype(args.dtype)
+    t_start = time.perf_counter()
     model = wf.load_model(config_name, args.checkpoint, device=args.device, dtype=dtype, seed=args.model_seed)
+    timing = {"model_load_seconds": time.perf_counter() - t_start}
     if cfg.packdir is None:
         cfg = cfg.replace(packdir=wf.default_packdir(config_name or "checkpoint", cfg))
     if args.calib:
@@ -121,16 +124,26 @@ def cmd_quantize(args) -> int:
     if args.eval_obs and args.calib and Path(args.eval_obs).resolve() == Path(args.calib).resolve():
         print("duquant quantize: warning: --eval-obs is the calibration file; the action error is not held out",
               file=sys.stderr)
+    t = time.perf_counter()
     ref = wf.sample_actions(model, held_out) if not args.no_eval else None
+    timing["reference_seconds"] = time.perf_counter() - t
+    t = time.perf_counter()
     report = quantize(model, cfg, calibrate=wf.calibration_fn(calib_obs, cfg.calib_steps))
-    result = {"report": report.to_dict(), "packdir": cfg.packdir, "data": data}
+    timing["quantize_seconds"] = time.perf_counter() - t  # its phases: report.phase_seconds
+    result = {"report": report.to_dict(), "packdir": cfg.packdir, "data": data, "timing": timing}
     if ref is not None:
+        t = time.perf_counter()
         with torch.no_grad():
             pred = wf.sample_actions(model, held_out)
+        timing["eval_seconds"] = time.perf_counter() - t
         result["action_rel_mse"] = relative_error(pred, ref)
         result["action_max_abs"] = wf.max_abs_error(pred, ref)
         print(f"action error vs float on {eval_source}: rel MSE {result['action_rel_mse']:.3e}, "
               f"max abs {result['action_max_abs']:.3e}")
+    timing["total_seconds"] = time.perf_counter() - t_start  # from the model load; the imports come before
+    timing = {k: round(v, 3) for k, v in timing.items()}
+    result["timing"] = timing
+    print("time: " + ", ".join(f"{k.removesuffix('_seconds').replace('_', ' ')} {v:.1f} s" for k, v in timing.items()))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
