@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from duquant.transform import is_shuffle_permutation
+
 try:  # the interpreter (TRITON_INTERPRET=1, CPU) has no libdevice
     from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover
@@ -293,6 +295,7 @@ class ActPlan:
     perm: torch.Tensor | None = None  # [KP] int32, the inverse permutation (identity on padding)
     perm_fwd: torch.Tensor | None = None  # [KP] int32, the permutation itself (identity on padding)
     last_block: int = -1
+    shuffle_piece: int = 0  # G when perm is the shuffle permutation (triton_act_tile's transpose mode), else 0
     dest_natural: torch.Tensor | None = None
     dest_split: torch.Tensor | None = None
     reason: str = ""
@@ -374,6 +377,9 @@ def build_act_plan(transform, in_features: int, device) -> ActPlan:
         fwd = torch.arange(kp, dtype=torch.int32, device=device)
         fwd[:k] = t.perm.to(device=device, dtype=torch.int32)
         plan.perm_fwd = fwd
+        # decided here, once and outside any CUDA graph capture (the check reads the permutation on the host)
+        if bsp == bs and is_shuffle_permutation(t):
+            plan.shuffle_piece = bs // (k // bs)
     return plan
 
 

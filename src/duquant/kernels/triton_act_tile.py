@@ -37,7 +37,6 @@ import triton
 import triton.language as tl
 
 from duquant.kernels.triton_act import ActPlan, _max_programs, _next_pow2, _rint, libdevice
-from duquant.transform import is_shuffle_permutation
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -528,16 +527,11 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
 def shuffle_piece(plan: ActPlan) -> int:
     """G when the plan's permutation is the shuffle (``permute=shuffle``: with nb = K / BS blocks and G = BS / nb,
     output block j of a token is the j-th G-wide piece of each block, in block order), else 0: the permutation the
-    transpose mode (PERM_MODE 2) can run. Not the default: on the H200 it took 22.9 us at 816 x 2048 where the
-    scratch gather of the same permutation took 16.0 (Triton's layout conversions for the 4-D permute cost more
-    than the gather they replace), and its 128-row tile (K = 16384) does not fit in shared memory. Checked once
-    per plan."""
-    cache = plan.__dict__.setdefault("_shuffle_piece", {})
-    if "g" not in cache:
-        t = plan.transform
-        shuffle = t is not None and plan.BS == t.block_size and is_shuffle_permutation(t)
-        cache["g"] = plan.BS // (plan.K // plan.BS) if shuffle else 0
-    return cache["g"]
+    transpose mode (PERM_MODE 2) can run (``build_act_plan`` decides it). Not the default: on the H200 it took 22.9
+    us at 816 x 2048 where the scratch gather of the same permutation took 16.0 (Triton's layout conversions for
+    the 4-D permute cost more than the gather they replace), and its 128-row tile (K = 16384) does not fit in
+    shared memory."""
+    return plan.shuffle_piece
 
 
 def cannot_run(plan: ActPlan, precision: str) -> str | None:
