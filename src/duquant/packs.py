@@ -6,8 +6,8 @@ JSON string under ``"duquant"``:
 
     {"format_version": 1, "duquant_version": "...", "layer": name, "shape": [out, in], "config_hash": ...,
      "config": {...}, "weight_fingerprint": ..., "group": [names sharing the transform], "group_fingerprint": ...,
-     "transform_kind": "duquant", "permutation": "zigzag", "calibrated": true, "act_clip": 0.9, "checksums": {tensor: sha256},
-     "meta_checksum": sha256 of this JSON without itself}
+     "transform_kind": "duquant", "permutation": "zigzag", "calibrated": true, "act_clip": 0.9,
+     "checksums": {tensor: sha256}, "meta_checksum": sha256 of this JSON without itself}
 
 ``<packdir>/manifest.json`` indexes the directory (layer -> file, hashes). Both are written atomically (temp file in
 the same directory, fsync, ``os.replace``), so an interrupted run leaves no half-written pack. A pack whose config,
