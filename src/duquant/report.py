@@ -27,7 +27,7 @@ from torch import nn
 from duquant import __version__, formats, registry
 from duquant.api import _set_module, integer_weights, quantize
 from duquant.calibration import ActivationRecorder, CalibrationResult, calibrate
-from duquant.config import PRESETS, DuQuantConfig, bits_name
+from duquant.config import PRESETS, ConfigError, DuQuantConfig, bits_name
 from duquant.quantizers import relative_error
 from duquant.selection import select_layers
 
@@ -383,6 +383,9 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rotation-steps", type=int, default=None, help="greedy rotation steps (default 256)")
     p.add_argument("--packdir", help="reuse/write packs under this directory (one sub-directory per run)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default="fake", choices=["fake", "gpu"],
+                   help="how quantized layers run: fake (torch reference, any device) or gpu (the Triton kernels; "
+                        "needs --device cuda). Both should give the same figures within docs/gpu.md's tolerance")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--seed", type=int, default=0, help="seed of the built-in model and the synthetic data")
     p.add_argument("--no-plot", action="store_true")
@@ -407,6 +410,8 @@ def run_report_cli(args, load_calib=None) -> int:
     from duquant import workflows as wf
 
     t_start = time.perf_counter()
+    if getattr(args, "backend", "fake") == "gpu" and not str(args.device).startswith("cuda"):
+        raise ConfigError(f"--backend gpu runs the Triton kernels on CUDA; add --device cuda (got {args.device!r})")
     roundings, modes = parse_variants(args)
     permutations = parse_permutations(args)
     parts = [s for s in args.parts.split(",") if s]
@@ -437,7 +442,7 @@ def run_report_cli(args, load_calib=None) -> int:
     else:
         eval_obs = wf.synthetic_observations(model, args.eval_batches, args.batch_size, seed=args.seed + 50_000)
 
-    base_kwargs = {}
+    base_kwargs = {"backend": getattr(args, "backend", "fake")}
     if args.block_size:
         base_kwargs["block_size"] = args.block_size
     if args.rotation_steps is not None:
