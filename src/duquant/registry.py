@@ -169,3 +169,8 @@ register_rounding(RoundingSpec("rtn", "duquant.rounding.rtn:round_weight", False
 register_rounding(RoundingSpec("gptq", "duquant.rounding.gptq:round_weight", True,
                                "GPTQ: error-compensating rounding with the Hessian of the transformed inputs",
                                default_w_clip=1.0))
+# LWC stand-in: each output row takes the clip (from a grid and the configured one) whose GPTQ-rounded row gives
+# the smallest output error on the calibration inputs (duquant/rounding/gptq_clip.py).
+register_rounding(RoundingSpec("gptq-clip", "duquant.rounding.gptq_clip:round_weight", True,
+                               "GPTQ with a per-row clip searched by the layer's output error (an LWC stand-in)",
+                               default_w_clip=1.0))
