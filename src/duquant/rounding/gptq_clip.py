@@ -38,7 +38,7 @@ def round_weight(w_t: torch.Tensor, *, bits: int, symmetric: bool, clip: float |
     out, n = w_t.shape
     device = w_t.device
     groups = 1 if not group_size else -(-n // group_size)
-    given = clip.detach().float().to(device) if isinstance(clip, torch.Tensor) else torch.tensor(float(clip))
+    given = torch.as_tensor(clip, dtype=torch.float32, device=device)  # the candidates' device (CUDA: cat below)
     given = given.reshape(out, -1).expand(out, groups) if given.numel() > 1 else given.reshape(1, 1).expand(out, groups)
     candidates = [given] + [torch.full((out, groups), float(c), device=device) for c in grid
                             if 0.0 < float(c) <= 1.0 and not torch.all(given == float(c))]
