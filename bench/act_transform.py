@@ -102,7 +102,7 @@ def poison_allocator(nbytes: int, device="cuda") -> None:
 
 def tile_configs(m: int, k: int, quick: bool, shuffle: bool = False) -> list[dict]:
     """The kernel's own default first (required to pass), then explicit launch configurations; with the shuffle
-    permutation also its transpose mode (triton_act_tile.shuffle_piece)."""
+    permutation also its transpose mode (ActPlan.shuffle_piece)."""
     from duquant.kernels.triton_act_tile import default_config
 
     nbp = 1 << max(0, (-(-k // 128) - 1).bit_length())

@@ -163,7 +163,7 @@ _SHUFFLE_SCRIPT = PREAMBLE + textwrap.dedent("""
     from duquant.kernels import reference
     from duquant.random_layers import random_activations, random_group
     from duquant.kernels.triton_act import build_act_plan
-    from duquant.kernels.triton_act_tile import act_quant_tile, shuffle_piece
+    from duquant.kernels.triton_act_tile import act_quant_tile
 
     def shuffle(k, bs):  # written out element by element: output block j = piece j of every block, in block order
         nb, g = k // bs, bs // (k // bs)
@@ -176,7 +176,7 @@ _SHUFFLE_SCRIPT = PREAMBLE + textwrap.dedent("""
         t = layer.transform
         t.perm = shuffle(k, bs)
         plan = build_act_plan(t, k, "cpu")
-        assert shuffle_piece(plan) == g, (k, bs, shuffle_piece(plan))
+        assert plan.shuffle_piece == g, (k, bs, plan.shuffle_piece)
         x = random_activations(19, k, seed=k)
         x[4] *= 300.0
         rc, rsx, rzx = reference.act_quant(x, t, 8, False, 0.9)
@@ -192,7 +192,7 @@ _SHUFFLE_SCRIPT = PREAMBLE + textwrap.dedent("""
     # a zigzag-like permutation is not the shuffle: the table path runs it, and asking for the transpose is refused
     layer = random_group(256, [8], method="duquant", block_size=32, seed=3)[0]
     plan = build_act_plan(layer.transform, 256, "cpu")
-    assert shuffle_piece(plan) == 0
+    assert plan.shuffle_piece == 0
     try:
         act_quant_tile(random_activations(4, 256, seed=0), plan, perm_mode="transpose")
     except ValueError as err:

@@ -13,9 +13,11 @@ bench/act_transform.py):
 - 0 ``scratch``: the rotated tile goes to a per-program scratch row in global memory (L1/L2-resident, in the dot's
   input dtype: 2 bytes per element for fp16/bf16) and comes back through gather addresses;
 - 1 ``gather``: ``tl.gather`` on the flattened tile (Triton lowers a cross-warp gather through shared memory);
-- 2 ``transpose``: only for the shuffle permutation (``permute=shuffle``; ``shuffle_piece``), whose exchange
-  between blocks is fixed: the token's [NB, NB, G] view with two axes swapped, a register/shared-memory transpose
-  with no table and no scratch round trip. Explicit only: measured slower than the scratch gather (shuffle_piece).
+- 2 ``transpose``: only for the shuffle permutation (``permute=shuffle``; ``ActPlan.shuffle_piece`` = G), whose
+  exchange between blocks is fixed: the token's [NB, NB, G] view with two axes swapped, a register/shared-memory
+  transpose with no table and no scratch round trip. Explicit only: on the H200 it took 22.9 us at 816 x 2048 where
+  the scratch gather of the same permutation took 16.0 (Triton's layout conversions for the 4-D permute cost more
+  than the gather they replace), and its 128-row tile (K = 16384) does not fit in shared memory.
 
 Rotation precision (``precision``), all with float32 accumulation:
 
@@ -484,7 +486,7 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
     if perm_mode is not None:
         pmode = PERM_MODES[perm_mode] if isinstance(perm_mode, str) else int(perm_mode)
     if pmode == PERM_MODES["transpose"]:
-        if not shuffle_piece(plan):
+        if not plan.shuffle_piece:
             raise ValueError("perm_mode='transpose' runs only the shuffle permutation (permute=shuffle, K a power-of-"
                              "two number of blocks dividing the block size); this layer's permutation is another")
         if (block_tokens or br) * nbp >= 128:
@@ -518,20 +520,11 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
         float(clip), int(plan.last_block),
         BR=br, NBP=nbp, BS=bs, SYMMETRIC=bool(symmetric), DOT=PRECISIONS[precision], PERM_MODE=pmode,
         EXACT_DIV=bool(exact_div), USE_LIBDEVICE=not _INTERPRET and libdevice is not None, HOIST=bool(hoist),
-        SPLIT=layout == "split", FP8=bool(fp8), ROUND_E4M3=_INTERPRET, EVEN=k == nbp * bs, G=shuffle_piece(plan) or 1,
+        SPLIT=layout == "split", FP8=bool(fp8), ROUND_E4M3=_INTERPRET, EVEN=k == nbp * bs,
+        G=plan.shuffle_piece if pmode == PERM_MODES["transpose"] else 1,  # (other modes: no extra specialization)
         num_warps=warps, **flags,
     )
     return codes, scale, zero, rowsum
-
-
-def shuffle_piece(plan: ActPlan) -> int:
-    """G when the plan's permutation is the shuffle (``permute=shuffle``: with nb = K / BS blocks and G = BS / nb,
-    output block j of a token is the j-th G-wide piece of each block, in block order), else 0: the permutation the
-    transpose mode (PERM_MODE 2) can run (``build_act_plan`` decides it). Not the default: on the H200 it took 22.9
-    us at 816 x 2048 where the scratch gather of the same permutation took 16.0 (Triton's layout conversions for
-    the 4-D permute cost more than the gather they replace), and its 128-row tile (K = 16384) does not fit in
-    shared memory."""
-    return plan.shuffle_piece
 
 
 def cannot_run(plan: ActPlan, precision: str) -> str | None:
