@@ -439,11 +439,13 @@ def quantize_synthetic(model, parts, wbits: int | str = 4, w_symmetric: bool = F
     format the action expert at M ~ 51 is meant to use). ``permute``: zigzag or shuffle (docs/algorithm.md)."""
     from torch import nn
 
+    from duquant.formats import name_for_bits
     from duquant.layers import DuQuantLinear
-    from duquant.quantizers import quantize_weight
     from duquant.random_layers import random_transform
     from duquant.transform import LayerTransform
 
+    fmt = wbits if isinstance(wbits, str) else name_for_bits(wbits, 8)
+    w_clip = 0.9 if isinstance(wbits, int) and wbits <= 4 else 1.0  # the fixed 4-bit clip; 8-bit and fp8 unclipped
     prefixes = [PART_PREFIX[p] for p in (*parts, *weight_only)]
     weight_only_prefixes = tuple(PART_PREFIX[p] for p in weight_only)
     n = 0
@@ -470,16 +472,10 @@ def quantize_synthetic(model, parts, wbits: int | str = 4, w_symmetric: bool = F
                                                permute=permute)
             # a copy per group: groups are told apart by their transform object (kernels.prepare_gpu_model)
             t = copy.deepcopy(searched[k]).to(dev)
-            if isinstance(wbits, str):
-                for g, lin in zip(grp, lins):
-                    setattr(mod, g, DuQuantLinear.from_linear(lin, wbits, transform=t, backend="gpu", act_clip=0.9))
-                n += 1
-                continue
             for g, lin in zip(grp, lins):
-                qw = quantize_weight(t.fold_into_weight(lin.weight.detach().float()), wbits, symmetric=w_symmetric,
-                                     clip=0.9 if wbits <= 4 else 1.0)
-                setattr(mod, g, DuQuantLinear(k, lin.out_features, qweight=qw, transform=t, bias=lin.bias,
-                                              abits=8, act_clip=0.9, backend="gpu"))
+                setattr(mod, g, DuQuantLinear.from_linear(lin, fmt, transform=t, w_symmetric=w_symmetric,
+                                                          w_clip=w_clip, act_clip=0.9, method="duquant",
+                                                          backend="gpu"))
             n += 1
     return n
 
