@@ -107,7 +107,8 @@ def tile_configs(m: int, k: int, quick: bool, shuffle: bool = False) -> list[dic
 
     nbp = 1 << max(0, (-(-k // 128) - 1).bit_length())
     br0, w0, p0 = default_config(m, k)
-    cfgs = [dict(precision="fp16")]
+    # perm_mode given: the tile kernel itself (a shuffle plan's plain default call goes to the folded kernel)
+    cfgs = [dict(precision="fp16", perm_mode=p0)]
     if quick:
         if shuffle and br0 * nbp < 128:  # (the transpose mode's 128-row tile does not fit in shared memory)
             cfgs.append(dict(block_tokens=br0, num_warps=w0, perm_mode=2, precision="fp16"))
@@ -136,6 +137,30 @@ def tile_configs(m: int, k: int, quick: bool, shuffle: bool = False) -> list[dic
     return cfgs
 
 
+def fold_configs(m: int, k: int, quick: bool) -> list[dict]:
+    """The folded shuffle kernel: its default ({}), then tokens per step, warps, pipeline stages, grid."""
+    if quick:
+        return [{}]
+    nb = k // 128
+    cfgs = [{}]
+    for br in sorted({max(1, 16 // nb), max(1, 32 // nb), max(1, 64 // nb)}):
+        if br * nb > 128:
+            continue
+        for warps in (4, 8) if br * nb <= 64 else (8, 16):
+            for stages in (1, 2, 3):
+                cfgs.append(dict(block_tokens=br, num_warps=warps, num_stages=stages))
+    return cfgs
+
+
+def fold_name(c: dict) -> str:
+    if not c:
+        return "fold default"
+    parts = [f"BR={c['block_tokens']}", f"w={c['num_warps']}", f"st={c['num_stages']}"]
+    if c.get("programs"):
+        parts.append(f"prog={c['programs']}")
+    return "fold " + ",".join(parts)
+
+
 def cfg_name(c: dict) -> str:
     parts = [f"tile {c['precision']}"]
     if c.get("chunk_rows"):
@@ -152,7 +177,7 @@ def cfg_name(c: dict) -> str:
         parts.append("per-tile matrices")
     if c.get("exact_div") is False:
         parts.append("x*(1/s)")
-    if len(parts) == 1:
+    if len(parts) == 1 or set(c) == {"precision", "perm_mode"}:
         parts.append("default")
     return " ".join(parts[:1]) + " " + ",".join(parts[1:])
 
@@ -236,6 +261,30 @@ def run_shape(m, k, transform, bw, args, failures, permute="zigzag") -> list[dic
         record(cfg_name(c), lambda c=c: act_quant_tile(x, plan, clip=0.9, out=outs, **c), tile_check,
                required=idx == 0, config=c)
 
+    # permute=shuffle folded into the matrices (kernels/triton_act_shuffle.py): default first, then a sweep
+    from duquant.kernels.triton_act_shuffle import act_quant_shuffle
+    from duquant.kernels.triton_act_shuffle import cannot_run as fold_cannot_run
+
+    if permute == "shuffle" and fold_cannot_run(plan) is None:
+        for c in fold_configs(m, k, not args.fold_sweep or dev == "cpu"):
+            def fold_check(c=c):
+                got = act_quant_shuffle(x, plan, clip=0.9, out=poisoned(m, k, dev), **c)
+                rec = check(f"{m}x{k} {fold_name(c)}", got, ref, "fp16", failures)
+                got_s = act_quant_shuffle(x, plan, clip=0.9, layout="split",
+                                          out=poisoned(m, 2 * (-(-k // 2)), dev), **c)
+                rec_s = check(f"{m}x{k} {fold_name(c)} split", got_s, (ref_split,) + ref[1:], "fp16", failures)
+                rec["ok"] = rec["ok"] and rec_s["ok"]
+                return rec
+
+            record(fold_name(c), lambda c=c: act_quant_shuffle(x, plan, clip=0.9, out=outs, **c), fold_check,
+                   required=not c, config=dict(c, kernel="fold"))
+            if not c:  # the default, writing split order too (what W4 layers run)
+                kc2 = 2 * (-(-k // 2))
+                out_s = poisoned(m, kc2, dev)
+                record("fold default, W4 split order",
+                       lambda out_s=out_s: act_quant_shuffle(x, plan, clip=0.9, layout="split", out=out_s),
+                       lambda: {"ok": True}, required=False)
+
     # the default configuration writing the packed-int4 GEMM's order (what W4 layers run)
     kc = 2 * (-(-k // 2))
     outs_split = poisoned(m, kc, dev)
@@ -244,7 +293,7 @@ def run_shape(m, k, transform, bw, args, failures, permute="zigzag") -> list[dic
         got = act_quant_tile(x, plan, clip=0.9, layout="split", out=poisoned(m, kc, dev))
         return check(f"{m}x{k} split", got, (ref_split,) + ref[1:], "fp16", failures)
 
-    record("W4 split order, tile fp16 default", lambda: act_quant_tile(x, plan, clip=0.9, layout="split",
+    record("W4 split order, default (fold for shuffle)", lambda: act_quant_tile(x, plan, clip=0.9, layout="split",
                                                                       out=outs_split), split_check)
 
     # the same kernel writing e4m3 codes (format w8a8-fp8 with the DuQuant transform): spec formats/fp8.py
@@ -272,7 +321,7 @@ def run_shape(m, k, transform, bw, args, failures, permute="zigzag") -> list[dic
         return rec
 
     if dev == "cuda":  # (interpreter: tests/test_formats.py; its fp8 cast differs from the GPU's)
-        record("tile fp8 out (default config)", lambda: act_quant_tile(x, plan, clip=0.9, fp8=True, out=out8),
+        record("fp8 out (default; fold for shuffle)", lambda: act_quant_tile(x, plan, clip=0.9, fp8=True, out=out8),
                fp8_check)
 
     if not args.no_compile:
@@ -299,8 +348,10 @@ def summarize(rows) -> list[dict]:
         if not rs:
             continue
         tiles = [r for r in rs if r["variant"].startswith("tile fp16")]
-        best = min(tiles, key=lambda r: r["us"]) if tiles else None
+        folds = [r for r in rs if r["variant"].startswith("fold") and "split" not in r["variant"]]
+        best = min(tiles + folds, key=lambda r: r["us"]) if tiles + folds else None
         default = next((r for r in tiles if r.get("default")), None)
+        fold_default = next((r for r in folds if r["variant"] == "fold default"), None)
 
         def us(prefix, rs=rs):
             got = [r["us"] for r in rs if r["variant"].startswith(prefix)]
@@ -308,6 +359,7 @@ def summarize(rows) -> list[dict]:
 
         s = {"M": m, "K": k, "permute": perm, "floor us": rs[0]["floor us"], "old us": us("old"),
              "torch.compile us": us("torch.compile"), "tile default us": default and default["us"],
+             "fold default us": fold_default and fold_default["us"],
              "tile best us": best and best["us"], "tile best": best and best["variant"]}
         if best:
             s["best x floor"] = best["us"] / s["floor us"]
@@ -349,6 +401,8 @@ def main() -> int:
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     p.add_argument("--quick", action="store_true", help="default configuration and the other permutation mode only")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--fold-sweep", action="store_true", help="sweep the folded shuffle kernel's launch settings "
+                   "(permute=shuffle; without it, its default only)")
     p.add_argument("--shapes", default="", help="e.g. 816x2048,51x1024 (default: all six)")
     p.add_argument("--device", default="cuda", help="cpu: checks only, under TRITON_INTERPRET=1 (no timing)")
     p.add_argument("--permute", default="zigzag", help="zigzag, shuffle or both (zigzag,shuffle): the transform's "
@@ -383,7 +437,7 @@ def main() -> int:
           f"Copy bandwidth {bw:.0f} GB/s; floor = (2 B + 1 B per element + 12 B per token) at that bandwidth. "
           "µs per call, CUDA-graph replays, input L2-hot.\n\n"
           + table(summary, ["M", "K", "permute", "floor us", "old us", "torch.compile us", "tile default us",
-                            "tile best us", "best x floor", "target", "met", "tile best"])
+                            "fold default us", "tile best us", "best x floor", "target", "met", "tile best"])
           + "\n## Every variant\n\n"
           + table(rows, ["M", "K", "permute", "variant", "us", "x floor", "max |dcode|", "codes differing",
                          "scale rel", "ok"]))

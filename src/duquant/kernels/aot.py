@@ -80,3 +80,19 @@ def chunked_kernel_report(chunk_rows: int, nbp: int, num_warps: int = 4, precisi
                 OP_DTYPE={"fp16": tl.float16, "bf16": tl.bfloat16}.get(precision, tl.float32))
     cons.update(flags)
     return compile_report(_tile_act_chunked_kernel, sig, cons, num_warps=num_warps, arch=arch)
+
+
+def shuffle_kernel_report(block_tokens: int, nb: int, num_warps: int, precision: str = "fp16", stages: int = 2,
+                          fp8: bool = False, split: bool = False, arch: int = 90, **flags) -> dict:
+    """compile_report of ``triton_act_shuffle._shuffle_act_kernel`` (permute=shuffle folded into the matrices)."""
+    from duquant.kernels.triton_act_shuffle import PRECISIONS, _shuffle_act_kernel
+
+    dot = PRECISIONS[precision]
+    op = {0: "fp32", 1: "fp32", 2: "bf16", 3: "fp16"}[dot]
+    sig = {"x_ptr": "*bf16", "stride_xm": "i32", "M": "i32", "n_steps": "i32", "inv_s_ptr": "*fp32",
+           "r1_ptr": f"*{op}", "r2_ptr": f"*{op}", "codes_ptr": "*fp8e4nv" if fp8 else "*i8", "stride_cm": "i32",
+           "scale_ptr": "*fp32", "zero_ptr": "*fp32", "rowsum_ptr": "*i32", "clip": "fp32"}
+    cons = dict(BR=block_tokens, NB=nb, BS=128, G=128 // nb, HAS_SMOOTH=True, SYMMETRIC=False, DOT=dot,
+                EXACT_DIV=True, USE_LIBDEVICE=True, SPLIT=split, FP8=fp8, ROUND_E4M3=False, STAGES=stages)
+    cons.update(flags)
+    return compile_report(_shuffle_act_kernel, sig, cons, num_warps=num_warps, arch=arch)

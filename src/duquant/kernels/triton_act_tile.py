@@ -447,6 +447,12 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
     that many blocks (``_tile_act_chunked_kernel``; default for tokens of more than 32 blocks, 0 = never)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} not in {list(PRECISIONS)}")
+    if (block_tokens is None and num_warps is None and perm_mode is None and chunk_rows is None and hoist
+            and programs is None and _fold_default(plan, precision)):
+        from duquant.kernels.triton_act_shuffle import act_quant_shuffle
+
+        return act_quant_shuffle(x, plan, symmetric=symmetric, clip=clip, layout=layout, precision=precision,
+                                 exact_div=exact_div, fp8=fp8, out=out)
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
@@ -525,6 +531,16 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
         num_warps=warps, **flags,
     )
     return codes, scale, zero, rowsum
+
+
+def _fold_default(plan: ActPlan, precision: str) -> bool:
+    """Whether the default launch of a shuffle-permutation plan goes to the folded kernel (triton_act_shuffle:
+    the permutation folded into R1's column order, no scratch row); DUQUANT_ACT_FOLD=0 keeps the tile kernel."""
+    if not plan.shuffle_piece or os.environ.get("DUQUANT_ACT_FOLD", "1") == "0":
+        return False
+    from duquant.kernels.triton_act_shuffle import cannot_run as fold_cannot_run
+
+    return fold_cannot_run(plan, precision) is None
 
 
 def cannot_run(plan: ActPlan, precision: str) -> str | None:

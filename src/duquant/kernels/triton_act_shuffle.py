@@ -1,0 +1,229 @@
+"""DuQuant activation transform for ``permute=shuffle``, with the permutation folded into the rotations' layout
+("folded" kernel, Triton): smooth -> R1 -> shuffle -> R2 -> per-token int8 (or e4m3) codes, one launch, no scratch
+row, no gather table.
+
+Why it needs no gather. With NB = K / BS blocks and pieces of G = BS / NB channels, the shuffle permutation
+(``transform.shuffle_permutation``) gives output block j, position b*G + e, the channel j*G + e of input block b
+after R1. Reorder R1's columns once, on the host, so that column e*NB + j of ``R1k`` is column j*G + e of R1.
+Then a token's R1 product Y = X R1k ([NB, BS], row b) read row-major as [BS, NB] has row b*G + e, column j:
+column j of that view *is* output block j, in order. So
+
+    Z = reshape(Y, [BS, NB])^T @ R2        ([NB, BS]: row j = output block j after R2)
+
+is a reshape and one transposed dot operand, which Triton serves from the shared memory the second dot needs
+anyway. With BR > 1 tokens per step the token axis sits between b and e and a 4-D permute remains (still one
+shared-memory pass, no global scratch). Rows of Z are (token, output block): the codes are stored exactly as the
+tile kernel stores them (``_store_codes``, natural or the packed-int4 GEMM's split order).
+
+The loop over token steps is a ``tl.range`` with ``num_stages`` (``STAGES``): Triton prefetches the next steps' x
+loads while the current step computes, and each program reads the two 32 KB matrices once.
+
+Numerics are the tile kernel's (``triton_act_tile``): fp16 rotations after a per-token power-of-two scaling,
+float32 accumulation, IEEE division and round half to even for the codes (``reference.act_quant``'s spec).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from duquant.kernels.triton_act import ActPlan, _max_programs, _rint, libdevice
+from duquant.kernels.triton_act_tile import (
+    _INTERPRET,
+    PRECISIONS,
+    _dot,
+    _per_token,
+    _store_codes,
+    _to_rows,
+)
+
+
+@triton.jit
+def _fold_shuffle(y, BR: tl.constexpr, NB: tl.constexpr, G: tl.constexpr, BS: tl.constexpr):
+    """[BR * NB, BS] R1 products (rows = token, input block b; columns e * NB + j) -> [BR * NB, BS] R2 inputs
+    (rows = token, output block j; columns b * G + e)."""
+    if BR == 1:
+        out = tl.trans(tl.reshape(y, (BS, NB)))
+    else:
+        out = tl.reshape(tl.permute(tl.reshape(y, (BR, NB, G, NB)), (0, 3, 1, 2)), (BR * NB, BS))
+    return out
+
+
+@triton.jit
+def _shuffle_act_kernel(
+    x_ptr, stride_xm, M, n_steps,
+    inv_s_ptr, r1_ptr, r2_ptr,
+    codes_ptr, stride_cm, scale_ptr, zero_ptr, rowsum_ptr,
+    clip,
+    BR: tl.constexpr, NB: tl.constexpr, BS: tl.constexpr, G: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, SYMMETRIC: tl.constexpr, DOT: tl.constexpr, EXACT_DIV: tl.constexpr,
+    USE_LIBDEVICE: tl.constexpr, SPLIT: tl.constexpr, FP8: tl.constexpr, ROUND_E4M3: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    R: tl.constexpr = BR * NB
+    K: tl.constexpr = NB * BS
+    PRESCALE: tl.constexpr = DOT == 3
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    kk = tl.arange(0, BS)
+    r1 = tl.load(r1_ptr + kk[:, None] * BS + kk[None, :])
+    r2 = tl.load(r2_ptr + kk[:, None] * BS + kk[None, :])
+    for step in tl.range(pid, n_steps, nprog, num_stages=STAGES):
+        z = step >> 30  # a zero the compiler cannot see through: index tensors stay inside the loop
+        r = tl.arange(0, R) + z
+        i = tl.arange(0, BS)
+        tok_in = r // NB
+        blk = r % NB  # input block on load; output block j on store (same row order: token, block)
+        chan = blk[:, None] * BS + i[None, :]
+        tok = step * BR + tok_in
+        tmask = tok < M
+        x = tl.load(x_ptr + tok[:, None].to(tl.int64) * stride_xm + chan, mask=tmask[:, None],
+                    other=0.0).to(tl.float32)
+        if HAS_SMOOTH:
+            x = x * tl.load(inv_s_ptr + chan)
+        if PRESCALE:  # power of two per token: exact, keeps fp16 operands in range (triton_act_tile)
+            amax = _per_token(tl.max(tl.abs(x), axis=1), BR, NB, 0)
+            f = _to_rows(tl.exp2(11.0 - tl.floor(tl.log2(tl.maximum(amax, 1e-30)))), BR, NB)
+            x = x * f[:, None]
+        if DOT >= 2:
+            x = x.to(r1.dtype)
+        y = _dot(x, r1, DOT)
+        if DOT >= 2:
+            y = y.to(r2.dtype)
+        y = _dot(_fold_shuffle(y, BR, NB, G, BS), r2, DOT)
+        if PRESCALE:
+            y = y * (1.0 / f)[:, None]  # exact: f is a power of two
+
+        toks = step * BR + tl.arange(0, BR)
+        tm = toks < M
+        if FP8:  # e4m3 codes, scale = absmax * clip / 448 per token (formats/fp8.py)
+            amax = _per_token(tl.max(tl.abs(y), axis=1), BR, NB, 0)
+            scale = tl.maximum(tl.div_rn(amax * clip, 448.0), 1e-12)
+            v = tl.div_rn(y, _to_rows(scale, BR, NB)[:, None])
+            v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+            if ROUND_E4M3:  # the interpreter's fp8 cast loses the rounding carry: round on the e4m3 grid first
+                e = tl.maximum(tl.floor(tl.log2(tl.maximum(tl.abs(v), 1e-30))), -6.0)
+                stp = tl.exp2(e - 3.0)
+                v = _rint(v / stp, USE_LIBDEVICE) * stp
+            tl.store(codes_ptr + tok[:, None].to(tl.int64) * stride_cm + chan, v.to(tl.float8e4nv),
+                     mask=tmask[:, None])
+            tl.store(scale_ptr + toks, scale, mask=tm)
+        else:
+            if SYMMETRIC:
+                amax = _per_token(tl.max(tl.abs(y), axis=1), BR, NB, 0)
+                scale = tl.minimum(tl.maximum(tl.div_rn(amax * clip, 127.0), 1e-8), 1e8)
+            else:
+                mn = _per_token(tl.min(y, axis=1), BR, NB, 1) * clip
+                mx = _per_token(tl.max(y, axis=1), BR, NB, 0) * clip
+                scale = tl.minimum(tl.maximum(tl.div_rn(mx - mn, 255.0), 1e-8), 1e8)
+                zero = _rint(tl.div_rn(-mn, scale), USE_LIBDEVICE)
+            scale_r = _to_rows(scale, BR, NB)
+            if EXACT_DIV:
+                v = tl.div_rn(y, scale_r[:, None])
+            else:
+                v = y * tl.div_rn(1.0, scale_r)[:, None]
+            q = _rint(v, USE_LIBDEVICE)
+            if SYMMETRIC:
+                q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+            else:
+                q = tl.minimum(tl.maximum(q + _to_rows(zero, BR, NB)[:, None], 0.0), 255.0) - 128.0
+            qi = q.to(tl.int32)
+            _store_codes(codes_ptr + tok[:, None].to(tl.int64) * stride_cm, qi.to(tl.int8), blk, tmask[:, None], K,
+                         R, BS, SPLIT)
+            tl.store(scale_ptr + toks, scale, mask=tm)
+            if not SYMMETRIC:
+                tl.store(zero_ptr + toks, zero - 128.0, mask=tm)
+            tl.store(rowsum_ptr + toks, _per_token(tl.sum(qi, axis=1), BR, NB, 2), mask=tm)
+
+
+# ---- host side ----------------------------------------------------------------------------------------------------
+
+def cannot_run(plan: ActPlan, precision: str = "fp16") -> str | None:
+    """Why the folded kernel cannot run `plan` (None when it can): it runs exactly the shuffle permutation of whole
+    128-wide blocks with one shared R1 and R2 (both present) and at least 16 blocks... or fewer with several tokens
+    per step."""
+    if not plan.fused:
+        return f"this transform cannot run in a fused kernel: {plan.reason}"
+    if not plan.shuffle_piece:
+        return "the folded kernel runs only the shuffle permutation (permute=shuffle)"
+    if plan.r1 is None or plan.r2 is None or plan.r1.shape[0] != 1 or plan.r2.shape[0] != 1:
+        return "the folded kernel needs both rotations, one shared matrix each"
+    if plan.K != plan.BS * (plan.K // plan.BS):
+        return f"K={plan.K} is not whole {plan.BS}-wide blocks"
+    if precision not in PRECISIONS:
+        return f"precision {precision!r} not in {list(PRECISIONS)}"
+    return None
+
+
+def folded_matrices(plan: ActPlan, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R1 with columns e * NB + j <- j * G + e, R2) in the dot's operand dtype, cached on the plan."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    cache = plan.__dict__.setdefault("_folded_mats", {})
+    if dtype not in cache:
+        bs, nb = plan.BS, plan.K // plan.BS
+        g = bs // nb
+        c = torch.arange(bs, device=plan.r1.device)
+        kappa = (c % nb) * g + c // nb  # folded column c = e * NB + j takes column j * G + e
+        cache[dtype] = (plan.r1[0][:, kappa].to(dtype).contiguous(), plan.r2[0].to(dtype).contiguous())
+    return cache[dtype]
+
+
+def default_config(m: int, k: int, bs: int = 128) -> tuple[int, int, int]:
+    """(BR tokens per step, num_warps, num_stages): one token per step from 16 blocks up (the fold is then a
+    reshape + transposed operand), enough tokens for the 16 rows a dot needs below that."""
+    nb = k // bs
+    br = max(1, 16 // nb)
+    rows = br * nb
+    warps = 8 if rows >= 128 else 4
+    return br, warps, 2
+
+
+def act_quant_shuffle(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, clip: float = 1.0,
+                      layout: str = "natural", precision: str = "fp16", exact_div: bool = True,
+                      block_tokens: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+                      programs: int | None = None, fp8: bool = False, out: tuple | None = None):
+    """``triton_act_tile.act_quant_tile``'s contract for a shuffle-permutation plan (``cannot_run`` says when
+    not): x [M, K] -> (codes, scale, zero | None, rowsum | None)."""
+    why = cannot_run(plan, precision)
+    if why:
+        raise ValueError(why)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    if k != plan.K:
+        raise ValueError(f"activation kernel built for K={plan.K}, got input with {k} channels")
+    if fp8:
+        layout, symmetric = "natural", True
+    dev = x.device
+    if out is None:
+        if fp8:
+            out = (torch.empty(m, k, dtype=torch.float8_e4m3fn, device=dev), torch.empty(m, dtype=torch.float32,
+                                                                                        device=dev), None, None)
+        else:
+            out = (torch.empty(m, k, dtype=torch.int8, device=dev), torch.empty(m, dtype=torch.float32, device=dev),
+                   None if symmetric else torch.empty(m, dtype=torch.float32, device=dev),
+                   torch.empty(m, dtype=torch.int32, device=dev))
+    codes, scale, zero, rowsum = out
+    if m == 0:
+        return codes, scale, zero, rowsum
+    bs, nb = plan.BS, k // plan.BS
+    br, warps, stages = default_config(m, k, bs)
+    br = block_tokens or br
+    warps = num_warps or warps
+    stages = num_stages or stages
+    if br * nb < 16:
+        raise ValueError(f"a step needs >= 16 rows for tl.dot: BR={br} x {nb} blocks")
+    r1, r2 = folded_matrices(plan, precision)
+    n_steps = triton.cdiv(m, br)
+    nprog = min(n_steps, programs or _max_programs(dev))
+    inv_s = plan.inv_smooth if plan.inv_smooth is not None else scale
+    _shuffle_act_kernel[(nprog,)](
+        x, x.stride(0), m, n_steps, inv_s, r1, r2,
+        codes, codes.stride(0), scale, zero if zero is not None else scale, rowsum if rowsum is not None else scale,
+        float(clip),
+        BR=br, NB=nb, BS=bs, G=bs // nb, HAS_SMOOTH=plan.inv_smooth is not None, SYMMETRIC=bool(symmetric),
+        DOT=PRECISIONS[precision], EXACT_DIV=bool(exact_div), USE_LIBDEVICE=not _INTERPRET and libdevice is not None,
+        SPLIT=layout == "split", FP8=bool(fp8), ROUND_E4M3=_INTERPRET, STAGES=stages, num_warps=warps,
+    )
+    return codes, scale, zero, rowsum
