@@ -13,7 +13,9 @@ column j of that view *is* output block j, in order. So
 is a reshape and one transposed dot operand, which Triton serves from the shared memory the second dot needs
 anyway. With BR > 1 tokens per step the token axis sits between b and e and a 4-D permute remains (still one
 shared-memory pass, no global scratch). Rows of Z are (token, output block): the codes are stored exactly as the
-tile kernel stores them (``_store_codes``, natural or the packed-int4 GEMM's split order).
+tile kernel stores them, in natural order or in the packed-int4 GEMM's split order (even channels, then odd
+ones). For the split order R2's columns are reordered too, even ones first: each half of a row of Z is then one
+contiguous 64-byte run of the split layout, stored as it is (no deinterleave in registers).
 
 The loop over token steps is a ``tl.range`` with ``num_stages`` (``STAGES``): Triton prefetches the next steps' x
 loads while the current step computes, and each program reads the two 32 KB matrices once.
@@ -34,7 +36,6 @@ from duquant.kernels.triton_act_tile import (
     PRECISIONS,
     _dot,
     _per_token,
-    _store_codes,
     _to_rows,
 )
 
@@ -129,8 +130,11 @@ def _shuffle_act_kernel(
             else:
                 q = tl.minimum(tl.maximum(q + _to_rows(zero, BR, NB)[:, None], 0.0), 255.0) - 128.0
             qi = q.to(tl.int32)
-            _store_codes(codes_ptr + tok[:, None].to(tl.int64) * stride_cm, qi.to(tl.int8), blk, tmask[:, None], K,
-                         R, BS, SPLIT)
+            if SPLIT:  # R2's columns came even-first (folded_matrices): each half-row is one contiguous run
+                dest = blk[:, None] * (BS // 2) + (i % (BS // 2))[None, :] + (i // (BS // 2))[None, :] * (K // 2)
+            else:
+                dest = chan
+            tl.store(codes_ptr + tok[:, None].to(tl.int64) * stride_cm + dest, qi.to(tl.int8), mask=tmask[:, None])
             tl.store(scale_ptr + toks, scale, mask=tm)
             if not SYMMETRIC:
                 tl.store(zero_ptr + toks, zero - 128.0, mask=tm)
@@ -156,27 +160,31 @@ def cannot_run(plan: ActPlan, precision: str = "fp16") -> str | None:
     return None
 
 
-def folded_matrices(plan: ActPlan, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R1 with columns e * NB + j <- j * G + e, R2) in the dot's operand dtype, cached on the plan."""
+def folded_matrices(plan: ActPlan, precision: str, split: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R1 with columns e * NB + j <- j * G + e, R2; with `split` R2's even columns first, then its odd ones) in
+    the dot's operand dtype, cached on the plan."""
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     cache = plan.__dict__.setdefault("_folded_mats", {})
-    if dtype not in cache:
+    if (dtype, split) not in cache:
         bs, nb = plan.BS, plan.K // plan.BS
         g = bs // nb
         c = torch.arange(bs, device=plan.r1.device)
         kappa = (c % nb) * g + c // nb  # folded column c = e * NB + j takes column j * G + e
-        cache[dtype] = (plan.r1[0][:, kappa].to(dtype).contiguous(), plan.r2[0].to(dtype).contiguous())
-    return cache[dtype]
+        r2 = plan.r2[0][:, torch.cat([c[0::2], c[1::2]])] if split else plan.r2[0]
+        cache[dtype, split] = (plan.r1[0][:, kappa].to(dtype).contiguous(), r2.to(dtype).contiguous())
+    return cache[dtype, split]
 
 
 def default_config(m: int, k: int, bs: int = 128) -> tuple[int, int, int]:
-    """(BR tokens per step, num_warps, num_stages): one token per step from 16 blocks up (the fold is then a
-    reshape + transposed operand), enough tokens for the 16 rows a dot needs below that."""
+    """(BR tokens per step, num_warps, num_stages), from the H100 sweep (BENCHMARKS.md §4, bench/act_transform.py
+    --fold-sweep): steps of 64 rows on 4 warps for many tokens of 16 blocks (K = 2048: 13.5 us at M = 816, 16
+    rows 16.2), else one token per step (or the 16 rows a dot needs) on 8 warps, 4 warps for 32 rows. One stage:
+    the second stage's buffer costs more occupancy than its prefetch gains (every stages=2/3 row was slower)."""
     nb = k // bs
-    br = max(1, 16 // nb)
+    br = max(1, (64 if m >= 256 and nb <= 16 else 16) // nb)
     rows = br * nb
-    warps = 8 if rows >= 128 else 4
-    return br, warps, 2
+    warps = 4 if rows in (32, 64) else 8
+    return br, warps, 1
 
 
 def act_quant_shuffle(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, clip: float = 1.0,
@@ -214,7 +222,7 @@ def act_quant_shuffle(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False
     stages = num_stages or stages
     if br * nb < 16:
         raise ValueError(f"a step needs >= 16 rows for tl.dot: BR={br} x {nb} blocks")
-    r1, r2 = folded_matrices(plan, precision)
+    r1, r2 = folded_matrices(plan, precision, split=layout == "split")
     n_steps = triton.cdiv(m, br)
     nprog = min(n_steps, programs or _max_programs(dev))
     inv_s = plan.inv_smooth if plan.inv_smooth is not None else scale
