@@ -149,6 +149,13 @@ def fold_configs(m: int, k: int, quick: bool) -> list[dict]:
         for warps in (4, 8) if br * nb <= 64 else (8, 16):
             for stages in (1, 2, 3):
                 cfgs.append(dict(block_tokens=br, num_warps=warps, num_stages=stages))
+    from duquant.kernels.triton_act_shuffle import default_config
+
+    br, warps, stages = default_config(m, k)
+    base = dict(block_tokens=br, num_warps=warps, num_stages=stages)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 4
+    # x * (1/s) instead of IEEE division (changes codes against the spec), and other persistent grid sizes
+    cfgs += [dict(base, exact_div=False), dict(base, programs=sms), dict(base, programs=4 * sms)]
     return cfgs
 
 
@@ -158,6 +165,8 @@ def fold_name(c: dict) -> str:
     parts = [f"BR={c['block_tokens']}", f"w={c['num_warps']}", f"st={c['num_stages']}"]
     if c.get("programs"):
         parts.append(f"prog={c['programs']}")
+    if c.get("exact_div") is False:
+        parts.append("x*(1/s)")
     return "fold " + ",".join(parts)
 
 
