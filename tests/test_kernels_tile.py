@@ -207,3 +207,92 @@ def test_shuffle_permutation_runs_as_a_block_transpose_under_interpreter():
     """permute=shuffle's exchange between blocks is a fixed transpose in the tile kernel (PERM_MODE 2): same codes
     as the eager spec, which applies the permutation as a plain gather."""
     run_under_interpreter(_SHUFFLE_SCRIPT, "SHUFFLE INTERPRETER OK", timeout=600)
+
+
+_FOLD_SCRIPT = PREAMBLE + textwrap.dedent("""
+    from duquant.kernels import reference
+    from duquant.random_layers import random_activations, random_group
+    from duquant.kernels.triton_act import build_act_plan
+    from duquant.kernels.triton_act_shuffle import act_quant_shuffle, cannot_run
+    from duquant.kernels.triton_act_tile import act_quant_tile
+
+    def shuffle(k, bs):  # written out element by element: output block j = piece j of every block, in block order
+        nb, g = k // bs, bs // (k // bs)
+        return torch.tensor([b * bs + j * g + e for j in range(nb) for b in range(nb) for e in range(g)])
+
+    CASES = [  # k, block, tokens per step (None: default), layout, symmetric
+        (256, 16, None, "natural", False),   # 16 blocks of 16: pieces of 1, the fold is a transpose
+        (256, 32, None, "split", False),     # 8 blocks, pieces of 4: two tokens per step (4-D permute)
+        (512, 32, 1, "split", True),         # 16 blocks, pieces of 2, one token per step
+        (64, 16, 4, "natural", True),        # 4 blocks: four tokens per step
+        (256, 16, 2, "split", False),        # 2 tokens per step of 16 blocks: a partial last step (19 tokens)
+    ]
+    for k, bs, br, layout, sym in CASES:
+        layer = random_group(k, [8], method="duquant", block_size=bs, seed=k + bs)[0]
+        t = layer.transform
+        t.perm = shuffle(k, bs)
+        plan = build_act_plan(t, k, "cpu")
+        assert cannot_run(plan) is None, cannot_run(plan)
+        x = random_activations(19, k, seed=k)
+        x[3] *= 1e-3  # tokens of very different magnitude share a step (the fp16 per-token scaling)
+        x[4] *= 300.0
+        rc, rsx, rzx = reference.act_quant(x, t, 8, sym, 0.9)
+        ref = reference.split_int4_order(rc) if layout == "split" else rc
+        for prec in ("ieee", "fp16"):
+            poison = (torch.full(ref.shape, 77, dtype=torch.int8), torch.full((19,), float("nan")),
+                      None if sym else torch.full((19,), float("nan")), torch.full((19,), -7, dtype=torch.int32))
+            codes, sx, zx, rs = act_quant_shuffle(x, plan, symmetric=sym, clip=0.9, layout=layout, precision=prec,
+                                                  block_tokens=br, out=poison)
+            d = (codes.int() - ref.int()).abs()
+            max_d, max_rate, rtol = (0, 0.0, 1e-6) if prec == "ieee" else (1, 0.05, 2e-3)
+            assert int(d.max()) <= max_d and float((d > 0).float().mean()) <= max_rate, (k, bs, prec, int(d.max()))
+            assert torch.allclose(sx, rsx, rtol=rtol, atol=0), (k, bs, prec)
+            if not sym:
+                assert bool(((zx - rzx).abs() <= (0 if prec == "ieee" else 1)).all()), k
+            assert torch.equal(rs, reference.code_row_sums(codes)), k
+        # the tile kernel's default call sends a shuffle plan here: same codes as asking for it by name
+        got = act_quant_tile(x, plan, symmetric=sym, clip=0.9, layout=layout, precision="ieee")
+        assert torch.equal(got[0], act_quant_shuffle(x, plan, symmetric=sym, clip=0.9, layout=layout,
+                                                     precision="ieee")[0]), k
+    # fp8 codes: e4m3 of the transformed values (formats/fp8.py's spec), one e4m3 step at most
+    from duquant.formats.fp8 import fp8_quantize
+    layer = random_group(256, [8], method="duquant", block_size=16, seed=5)[0]
+    layer.transform.perm = shuffle(256, 16)
+    plan = build_act_plan(layer.transform, 256, "cpu")
+    x = random_activations(7, 256, seed=5)
+    c8, s8, _, _ = act_quant_shuffle(x, plan, clip=0.9, fp8=True, precision="ieee")
+    rc8, rs8 = fp8_quantize(layer.transform.apply(x.float()), 0.9)
+    assert torch.allclose(s8, rs8.reshape(-1), rtol=1e-6), (s8, rs8)
+    ulp = torch.exp2(torch.floor(torch.log2(rc8.float().abs().clamp(min=2.0 ** -9))) - 3)
+    assert bool(((c8.float() - rc8.float()).abs() <= ulp).all())
+    # not a shuffle: refused by name
+    zig = build_act_plan(random_group(256, [8], method="duquant", block_size=16, seed=6)[0].transform, 256, "cpu")
+    assert "shuffle" in cannot_run(zig)
+    try:
+        act_quant_shuffle(x, plan, block_tokens=3)
+    except ValueError as err:
+        assert "power of two" in str(err)
+    else:
+        raise AssertionError("3 tokens per step ran")
+    print("FOLD INTERPRETER OK")
+""")
+
+
+def test_folded_shuffle_kernel_under_interpreter():
+    """kernels/triton_act_shuffle.py (permute=shuffle folded into R1's column order) against the spec."""
+    run_under_interpreter(_FOLD_SCRIPT, "FOLD INTERPRETER OK", timeout=600)
+
+
+def test_folded_shuffle_kernel_compiles_for_sm90_without_spills():
+    """The folded kernel's default steps for pi0's shuffle widths compile for sm_90 on the CPU within registers
+    and shared memory (two programs per multiprocessor at K = 2048)."""
+    pytest.importorskip("triton")
+    from duquant.kernels.aot import shuffle_kernel_report
+    from duquant.kernels.triton_act_shuffle import default_config
+
+    for m, k in [(816, 2048), (816, 16384), (51, 1024), (51, 4096)]:
+        br, warps, stages = default_config(m, k)
+        for split in (False, True):
+            rep = shuffle_kernel_report(br, k // 128, warps, stages=stages, split=split)
+            assert rep["spill_bytes"] == 0 and rep["registers"] <= 255, (m, k, rep)
+            assert rep["shared_bytes"] <= 227 * 1024 // (2 if k == 2048 else 1), (m, k, rep)

@@ -220,8 +220,9 @@ def act_quant_shuffle(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False
     br = block_tokens or br
     warps = num_warps or warps
     stages = num_stages or stages
-    if br * nb < 16:
-        raise ValueError(f"a step needs >= 16 rows for tl.dot: BR={br} x {nb} blocks")
+    if br & (br - 1) or br * nb < 16:
+        raise ValueError(f"block_tokens={br}: a power of two with at least 16 rows per step for tl.dot "
+                         f"({nb} blocks per token)")
     r1, r2 = folded_matrices(plan, precision, split=layout == "split")
     n_steps = triton.cdiv(m, br)
     nprog = min(n_steps, programs or _max_programs(dev))
