@@ -234,7 +234,7 @@ def quantize(model: nn.Module, config: DuQuantConfig | None = None,
 
     # 1. Packs: a layer whose pack matches its config and weights (and its group's weights) is loaded.
     loaded: dict[str, DuQuantLinear] = {}
-    start = time.perf_counter()
+    start = timer.mark()
     if store is not None:
         for name, module in selection.modules.items():
             meta, why = store.check(name, config_hash=config.layer_hash(name),
@@ -260,7 +260,7 @@ def quantize(model: nn.Module, config: DuQuantConfig | None = None,
     for name in partial:
         del loaded[name]
     todo = {n: m for n, m in selection.modules.items() if n not in loaded}
-    timer.add("pack_loads", time.perf_counter() - start)
+    timer.since("pack_loads", start)
 
     # 2. Calibration, only for what the packs did not provide.
     calib: CalibrationResult | None = None
@@ -309,7 +309,7 @@ def quantize(model: nn.Module, config: DuQuantConfig | None = None,
 
     # 4. Save new packs, swap modules, build the report.
     manifest = {}
-    start = time.perf_counter()
+    start = timer.mark()
     for name in todo:
         layer, meta = built[name]
         if store is not None:
@@ -324,12 +324,12 @@ def quantize(model: nn.Module, config: DuQuantConfig | None = None,
         loaded[name] = layer
     if store is not None and manifest:
         store.write_manifest(manifest)
-    timer.add("pack_writes", time.perf_counter() - start)  # the copies to the host read the device's results
+    timer.since("pack_writes", start)
     report.pack_hits = len(selection) - len(todo)
     report.pack_misses = len(todo)
     report.stale = list(store.stale) if store is not None else []
 
-    start = time.perf_counter()
+    start = timer.mark()
     for name in selection.names:
         old = selection.modules[name]
         new = loaded[name]
@@ -344,7 +344,7 @@ def quantize(model: nn.Module, config: DuQuantConfig | None = None,
             bytes_after=new.weight_bytes(), act_clip=new.act_clip, format=new.format,
             format_label=new.fmt.label(), weight_rounding=getattr(new, "weight_rounding", config.weight_rounding),
             permutation=new.transform.permutation))
-    timer.add("swap", time.perf_counter() - start)
+    timer.since("swap", start)
     report.phase_seconds = timer.rounded()
     if verbose:
         _log("[duquant] " + report.summary().replace("\n", "\n[duquant] "))
