@@ -138,24 +138,26 @@ def tile_configs(m: int, k: int, quick: bool, shuffle: bool = False) -> list[dic
 
 
 def fold_configs(m: int, k: int, quick: bool) -> list[dict]:
-    """The folded shuffle kernel: its default ({}), then tokens per step, warps, pipeline stages, grid."""
+    """The folded shuffle kernel: its default ({}), then (tokens per step, warps) candidates, each with and without
+    the x prefetch and the IEEE division (x * (1/s) changes codes against the spec), then other grid sizes."""
     if quick:
         return [{}]
     nb = k // 128
+    cands = {16: [(4, 4), (2, 4), (2, 8), (1, 4), (1, 8)], 128: [(1, 8), (1, 16)]}.get(
+        nb, [(max(1, 16 // nb), 4), (max(1, 16 // nb), 8), (max(1, 32 // nb), 4)])
     cfgs = [{}]
-    for br in sorted({max(1, 16 // nb), max(1, 32 // nb), max(1, 64 // nb)}):
-        if br * nb > 128:
-            continue
-        for warps in (4, 8) if br * nb <= 64 else (8, 16):
-            for stages in (1, 2, 3):
-                cfgs.append(dict(block_tokens=br, num_warps=warps, num_stages=stages))
+    for br, warps in cands:
+        for prefetch in (False, True):
+            for exact in (True, False):
+                c = dict(block_tokens=br, num_warps=warps, num_stages=1, prefetch=prefetch)
+                if not exact:
+                    c["exact_div"] = False
+                cfgs.append(c)
     from duquant.kernels.triton_act_shuffle import default_config
 
     br, warps, stages = default_config(m, k)
-    base = dict(block_tokens=br, num_warps=warps, num_stages=stages)
     sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 4
-    # x * (1/s) instead of IEEE division (changes codes against the spec), and other persistent grid sizes
-    cfgs += [dict(base, exact_div=False), dict(base, programs=sms), dict(base, programs=4 * sms)]
+    cfgs += [dict(block_tokens=br, num_warps=warps, num_stages=stages, programs=p) for p in (sms, 4 * sms)]
     return cfgs
 
 
@@ -165,6 +167,8 @@ def fold_name(c: dict) -> str:
     parts = [f"BR={c['block_tokens']}", f"w={c['num_warps']}", f"st={c['num_stages']}"]
     if c.get("programs"):
         parts.append(f"prog={c['programs']}")
+    if c.get("prefetch"):
+        parts.append("prefetch")
     if c.get("exact_div") is False:
         parts.append("x*(1/s)")
     return "fold " + ",".join(parts)

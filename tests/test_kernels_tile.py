@@ -242,7 +242,7 @@ _FOLD_SCRIPT = PREAMBLE + textwrap.dedent("""
             poison = (torch.full(ref.shape, 77, dtype=torch.int8), torch.full((19,), float("nan")),
                       None if sym else torch.full((19,), float("nan")), torch.full((19,), -7, dtype=torch.int32))
             codes, sx, zx, rs = act_quant_shuffle(x, plan, symmetric=sym, clip=0.9, layout=layout, precision=prec,
-                                                  block_tokens=br, out=poison)
+                                                  block_tokens=br, out=poison, prefetch=br == 2, programs=3)
             d = (codes.int() - ref.int()).abs()
             max_d, max_rate, rtol = (0, 0.0, 1e-6) if prec == "ieee" else (1, 0.05, 2e-3)
             assert int(d.max()) <= max_d and float((d > 0).float().mean()) <= max_rate, (k, bs, prec, int(d.max()))

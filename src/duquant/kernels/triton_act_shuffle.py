@@ -52,6 +52,15 @@ def _fold_shuffle(y, BR: tl.constexpr, NB: tl.constexpr, G: tl.constexpr, BS: tl
 
 
 @triton.jit
+def _load_step(x_ptr, stride_xm, M, step, BR: tl.constexpr, NB: tl.constexpr, BS: tl.constexpr):
+    """The [BR * NB, BS] x tile of token step `step` (rows = token, block), zero past M."""
+    r = tl.arange(0, BR * NB)
+    tok = step * BR + r // NB
+    chan = (r % NB)[:, None] * BS + tl.arange(0, BS)[None, :]
+    return tl.load(x_ptr + tok[:, None].to(tl.int64) * stride_xm + chan, mask=(tok < M)[:, None], other=0.0)
+
+
+@triton.jit
 def _shuffle_act_kernel(
     x_ptr, stride_xm, M, n_steps,
     inv_s_ptr, r1_ptr, r2_ptr,
@@ -60,13 +69,15 @@ def _shuffle_act_kernel(
     BR: tl.constexpr, NB: tl.constexpr, BS: tl.constexpr, G: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, SYMMETRIC: tl.constexpr, DOT: tl.constexpr, EXACT_DIV: tl.constexpr,
     USE_LIBDEVICE: tl.constexpr, SPLIT: tl.constexpr, FP8: tl.constexpr, ROUND_E4M3: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     R: tl.constexpr = BR * NB
     K: tl.constexpr = NB * BS
     PRESCALE: tl.constexpr = DOT == 3
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    if PREFETCH:  # this program's first x tile is in flight while the matrices are staged (ncu: two latencies)
+        x_next = _load_step(x_ptr, stride_xm, M, pid, BR, NB, BS)
     kk = tl.arange(0, BS)
     r1 = tl.load(r1_ptr + kk[:, None] * BS + kk[None, :])
     r2 = tl.load(r2_ptr + kk[:, None] * BS + kk[None, :])
@@ -79,8 +90,12 @@ def _shuffle_act_kernel(
         chan = blk[:, None] * BS + i[None, :]
         tok = step * BR + tok_in
         tmask = tok < M
-        x = tl.load(x_ptr + tok[:, None].to(tl.int64) * stride_xm + chan, mask=tmask[:, None],
-                    other=0.0).to(tl.float32)
+        if PREFETCH:  # the next step's tile loads while this one computes (masked off past the last step)
+            x = x_next.to(tl.float32)
+            x_next = _load_step(x_ptr, stride_xm, M, step + nprog, BR, NB, BS)
+        else:
+            x = tl.load(x_ptr + tok[:, None].to(tl.int64) * stride_xm + chan, mask=tmask[:, None],
+                        other=0.0).to(tl.float32)
         if HAS_SMOOTH:
             x = x * tl.load(inv_s_ptr + chan)
         if PRESCALE:  # power of two per token: exact, keeps fp16 operands in range (triton_act_tile)
@@ -190,7 +205,8 @@ def default_config(m: int, k: int, bs: int = 128) -> tuple[int, int, int]:
 def act_quant_shuffle(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, clip: float = 1.0,
                       layout: str = "natural", precision: str = "fp16", exact_div: bool = True,
                       block_tokens: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                      programs: int | None = None, fp8: bool = False, out: tuple | None = None):
+                      programs: int | None = None, fp8: bool = False, prefetch: bool | None = None,
+                      out: tuple | None = None):
     """``triton_act_tile.act_quant_tile``'s contract for a shuffle-permutation plan (``cannot_run`` says when
     not): x [M, K] -> (codes, scale, zero | None, rowsum | None)."""
     why = cannot_run(plan, precision)
@@ -233,6 +249,7 @@ def act_quant_shuffle(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False
         float(clip),
         BR=br, NB=nb, BS=bs, G=bs // nb, HAS_SMOOTH=plan.inv_smooth is not None, SYMMETRIC=bool(symmetric),
         DOT=PRECISIONS[precision], EXACT_DIV=bool(exact_div), USE_LIBDEVICE=not _INTERPRET and libdevice is not None,
-        SPLIT=layout == "split", FP8=bool(fp8), ROUND_E4M3=_INTERPRET, STAGES=stages, num_warps=warps,
+        SPLIT=layout == "split", FP8=bool(fp8), ROUND_E4M3=_INTERPRET, STAGES=stages,
+        PREFETCH=bool(False if prefetch is None else prefetch), num_warps=warps,
     )
     return codes, scale, zero, rowsum
