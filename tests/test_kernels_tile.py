@@ -159,6 +159,42 @@ def test_gpu_tile_kernel_matches_reference(m, k, symmetric, perm_mode):
         assert torch.equal(split.cpu(), reference.split_int4_order(codes.cpu()))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_ok(), reason="needs CUDA + triton, sm80+")
+@pytest.mark.parametrize("m,k", [(816, 2048), (51, 1024), (816, 16384), (51, 4096), (7, 2048), (51, 2048)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gpu_folded_shuffle_kernel_matches_reference(m, k, symmetric):
+    """The folded kernel (triton_act_shuffle) on a shuffle transform, at its defaults (fp16, prefetch, x * (1/s))
+    and with IEEE rotations: the fp16 bounds of the tile kernel's test; split order = natural reordered; fp8 codes
+    within one e4m3 step of the spec's."""
+    import torch
+
+    from duquant.formats.fp8 import fp8_quantize
+    from duquant.kernels import reference
+    from duquant.kernels.triton_act import build_act_plan
+    from duquant.kernels.triton_act_shuffle import act_quant_shuffle
+    from duquant.random_layers import random_activations, random_transform
+
+    t = random_transform(k, "duquant", 128, seed=k, steps=4, permute="shuffle")
+    x = random_activations(m, k, seed=m, dtype=torch.bfloat16, device="cuda")
+    rc, rsx, rzx = reference.act_quant(x.cpu(), t, 8, symmetric, 0.9)
+    plan = build_act_plan(t, k, "cuda")
+    assert plan.shuffle_piece
+    for precision, max_d, max_flip, rtol in (("ieee", 1, 1e-4, 1e-5), ("fp16", 2, 0.1, 5e-3)):
+        codes, sx, zx, rs = act_quant_shuffle(x, plan, symmetric=symmetric, clip=0.9, precision=precision)
+        d = (codes.cpu().int() - rc.int()).abs()
+        assert d.max() <= max_d and (d > 0).float().mean() <= max_flip, (precision, int(d.max()))
+        assert torch.allclose(sx.cpu(), rsx, rtol=rtol)
+        assert torch.equal(rs.cpu(), reference.code_row_sums(codes.cpu()))
+        split = act_quant_shuffle(x, plan, symmetric=symmetric, clip=0.9, precision=precision, layout="split")[0]
+        assert torch.equal(split.cpu(), reference.split_int4_order(codes.cpu()))
+    c8, s8, _, _ = act_quant_shuffle(x, plan, clip=0.9, fp8=True)
+    rc8, rs8 = fp8_quantize(t.apply(x.cpu().float()), 0.9)
+    ulp = torch.exp2(torch.floor(torch.log2(rc8.float().abs().clamp(min=2.0 ** -9))) - 3).clamp(min=2.0 ** -9)
+    assert bool(((c8.cpu().float() - rc8.float()).abs() <= ulp + 0.5).all())
+    assert torch.allclose(s8.cpu(), rs8.reshape(-1), rtol=5e-3)
+
+
 _SHUFFLE_SCRIPT = PREAMBLE + textwrap.dedent("""
     from duquant.kernels import reference
     from duquant.random_layers import random_activations, random_group
@@ -285,7 +321,8 @@ def test_folded_shuffle_kernel_under_interpreter():
 
 def test_folded_shuffle_kernel_compiles_for_sm90_without_spills():
     """The folded kernel's default steps for pi0's shuffle widths compile for sm_90 on the CPU within registers
-    and shared memory (two programs per multiprocessor at K = 2048)."""
+    and shared memory (two programs per multiprocessor at K = 2048). The 128-row step of K = 16384 with its x
+    prefetch spills a few hundred bytes per thread, and was still the fastest setting on the H100."""
     pytest.importorskip("triton")
     from duquant.kernels.aot import shuffle_kernel_report
     from duquant.kernels.triton_act_shuffle import default_config
@@ -294,5 +331,5 @@ def test_folded_shuffle_kernel_compiles_for_sm90_without_spills():
         br, warps, stages = default_config(m, k)
         for split in (False, True):
             rep = shuffle_kernel_report(br, k // 128, warps, stages=stages, split=split)
-            assert rep["spill_bytes"] == 0 and rep["registers"] <= 255, (m, k, rep)
+            assert rep["spill_bytes"] <= (512 if k == 16384 else 0) and rep["registers"] <= 255, (m, k, rep)
             assert rep["shared_bytes"] <= 227 * 1024 // (2 if k == 2048 else 1), (m, k, rep)

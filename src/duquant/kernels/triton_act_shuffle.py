@@ -192,23 +192,29 @@ def folded_matrices(plan: ActPlan, precision: str, split: bool = False) -> tuple
 
 def default_config(m: int, k: int, bs: int = 128) -> tuple[int, int, int]:
     """(BR tokens per step, num_warps, num_stages), from the H100 sweep (BENCHMARKS.md §4, bench/act_transform.py
-    --fold-sweep): steps of 64 rows on 4 warps for many tokens of 16 blocks (K = 2048: 13.5 us at M = 816, 16
-    rows 16.2), else one token per step (or the 16 rows a dot needs) on 8 warps, 4 warps for 32 rows. One stage:
-    the second stage's buffer costs more occupancy than its prefetch gains (every stages=2/3 row was slower)."""
+    --fold-sweep, with the x prefetch): steps of 64 rows for many tokens of 16 blocks (K = 2048: 10.0 us at
+    M = 816, 16 rows 15.3), else one token per step (or the 16 rows a dot needs); 8 warps for a 128-row step, 4
+    below. One stage: a second stage's shared-memory buffer costs more occupancy than its prefetch gains (every
+    stages = 2 / 3 row was slower); the kernel's own register prefetch does that job."""
     nb = k // bs
     br = max(1, (64 if m >= 256 and nb <= 16 else 16) // nb)
-    rows = br * nb
-    warps = 4 if rows in (32, 64) else 8
+    warps = 8 if br * nb >= 128 else 4
     return br, warps, 1
 
 
 def act_quant_shuffle(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, clip: float = 1.0,
-                      layout: str = "natural", precision: str = "fp16", exact_div: bool = True,
+                      layout: str = "natural", precision: str = "fp16", exact_div: bool | None = None,
                       block_tokens: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                       programs: int | None = None, fp8: bool = False, prefetch: bool | None = None,
                       out: tuple | None = None):
     """``triton_act_tile.act_quant_tile``'s contract for a shuffle-permutation plan (``cannot_run`` says when
-    not): x [M, K] -> (codes, scale, zero | None, rowsum | None)."""
+    not): x [M, K] -> (codes, scale, zero | None, rowsum | None).
+
+    ``exact_div`` (default: IEEE division for the float32 precisions ``ieee`` / ``tf32`` only): with fp16 / bf16
+    rotations the values being divided already carry the operands' rounding (codes within 2 of the spec's on a
+    few %), and x * (1/s) adds at most an ulp before rounding, which moves a code only when the value sits within
+    that ulp of a half-integer; it saves 15 % (H100, BENCHMARKS.md §4). ``prefetch`` (default on): the first x
+    tile is requested before the matrices are staged and the next one before each step computes."""
     why = cannot_run(plan, precision)
     if why:
         raise ValueError(why)
@@ -248,8 +254,10 @@ def act_quant_shuffle(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False
         codes, codes.stride(0), scale, zero if zero is not None else scale, rowsum if rowsum is not None else scale,
         float(clip),
         BR=br, NB=nb, BS=bs, G=bs // nb, HAS_SMOOTH=plan.inv_smooth is not None, SYMMETRIC=bool(symmetric),
-        DOT=PRECISIONS[precision], EXACT_DIV=bool(exact_div), USE_LIBDEVICE=not _INTERPRET and libdevice is not None,
+        DOT=PRECISIONS[precision],
+        EXACT_DIV=bool(precision in ("ieee", "tf32") if exact_div is None else exact_div),
+        USE_LIBDEVICE=not _INTERPRET and libdevice is not None,
         SPLIT=layout == "split", FP8=bool(fp8), ROUND_E4M3=_INTERPRET, STAGES=stages,
-        PREFETCH=bool(False if prefetch is None else prefetch), num_warps=warps,
+        PREFETCH=bool(True if prefetch is None else prefetch), num_warps=warps,
     )
     return codes, scale, zero, rowsum

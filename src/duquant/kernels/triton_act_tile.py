@@ -451,8 +451,9 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
             and programs is None and _fold_default(plan, precision)):
         from duquant.kernels.triton_act_shuffle import act_quant_shuffle
 
+        # (its own division default: exact for float32 rotations, x * (1/s) for fp16 / bf16 ones)
         return act_quant_shuffle(x, plan, symmetric=symmetric, clip=clip, layout=layout, precision=precision,
-                                 exact_div=exact_div, fp8=fp8, out=out)
+                                 exact_div=None if exact_div else False, fp8=fp8, out=out)
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
