@@ -35,7 +35,7 @@ def needs_calibration(config: DuQuantConfig) -> bool:
     """Whether the method, the weight rounding or an activation option needs calibration statistics."""
     return (registry.method(config.method).needs_activations
             or registry.rounding(config.weight_rounding).needs_activations
-            or bool(config.act_static or config.act_pct))
+            or bool(config.act_static or config.act_pct or config.act_clip_search))
 
 
 def integer_weights(fmt: formats.Format) -> bool:
@@ -52,6 +52,8 @@ def layer_needs_stats(config: DuQuantConfig, fmt: formats.Format) -> str | None:
         return f"weight rounding {config.weight_rounding!r}"
     if fmt.abits != 16 and (config.act_pct or (config.act_static and fmt.activations.startswith("int"))):
         return "act_static / act_pct"
+    if fmt.abits != 16 and config.act_clip_search and fmt.activations.startswith("int"):
+        return "act_clip_search"
     if integer_weights(fmt) and config.clip_search:
         return "clip_search"  # falls back to the weight MSE without statistics (documented), never required
     return None
@@ -498,6 +500,13 @@ def quantize_group(names: list[str], modules: dict[str, nn.Linear], stats: Layer
     if config.act_pct is not None and x_t is not None:
         pct_clip = percentile_clip_ratio(x_t, config.act_pct)
     static: dict[int, tuple[float, float]] = {}  # activation bits -> static (scale, zero), shared by the group
+    searched: dict[int, float] = {}  # activation bits -> the group's searched per-token clip (act_clip_search)
+    if config.act_clip_search and x_t is not None:
+        for abits in sorted({f.abits for f in specs.values() if f.abits != 16 and f.activations.startswith("int")}):
+            members = [n for n in names if specs[n].abits == abits]
+            folded = [transform.fold_into_weight(modules[n].weight.detach().float()) for n in members]
+            searched[abits] = search_act_clip(x_t, folded, abits, config.act_symmetric,
+                                              config.activation_clip_for(abits))
 
     layers, metas = {}, {}
     for name in names:
@@ -505,6 +514,7 @@ def quantize_group(names: list[str], modules: dict[str, nn.Linear], stats: Layer
         fmt = specs[name]
         bits = fmt.wbits
         act_clip = config.activation_clip_for(fmt.abits) if pct_clip is None or fmt.abits == 16 else pct_clip
+        act_clip = searched.get(fmt.abits, act_clip)
         act_static = None
         if config.act_static and fmt.activations.startswith("int"):
             if fmt.abits not in static:
@@ -520,9 +530,12 @@ def quantize_group(names: list[str], modules: dict[str, nn.Linear], stats: Layer
         if integer_weights(fmt):
             if config.clip_search:
                 clip = search_weight_clip(w_t, x_t, bits, config.w_symmetric)
+            extra = {}
+            if rounding.act_aware:  # the sample as this layer will quantize it (None: float activations)
+                extra["x_q"] = quantized_sample(x_t, fmt, config.act_symmetric, act_clip, act_static)
             qw = round_weight(w_t, bits=bits, symmetric=config.w_symmetric, clip=clip,
                               group_size=config.w_group_size, x_t=x_t, hessian=hessian, damp=config.gptq_damp,
-                              act_order=config.gptq_act_order)
+                              act_order=config.gptq_act_order, **extra)
             weight_rounding = config.weight_rounding
         else:  # fp8: the format's own rounding (check_layer_formats refused gptq / clip search / groups)
             qw = fmt.quantize_weight(w_t, bits=bits, symmetric=config.w_symmetric, clip=clip,
@@ -546,6 +559,44 @@ def quantize_group(names: list[str], modules: dict[str, nn.Linear], stats: Layer
                        "out_features": module.out_features}
     timer.since("rounding", start)
     return layers, metas
+
+
+def quantized_sample(x_t: torch.Tensor | None, fmt: formats.Format, symmetric: bool, act_clip: float,
+                     act_static: tuple[float, float] | None) -> torch.Tensor | None:
+    """The transformed calibration sample quantize-dequantized as a layer of format `fmt` quantizes its inputs
+    (per token with `act_clip`, or the static scale), for the act-aware roundings; None for float or non-integer
+    activations, or without a sample."""
+    if x_t is None or fmt.abits == 16 or not fmt.activations.startswith("int"):
+        return None
+    from duquant.quantizers import fake_quantize_activation, fake_quantize_activation_static
+
+    if act_static is not None:
+        return fake_quantize_activation_static(x_t.float(), act_static[0], act_static[1], fmt.abits, symmetric)
+    return fake_quantize_activation(x_t.float(), fmt.abits, symmetric=symmetric, clip=act_clip)
+
+
+ACT_CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def search_act_clip(x_t: torch.Tensor, weights: list[torch.Tensor], abits: int, symmetric: bool, configured: float,
+                    grid: tuple[float, ...] = ACT_CLIP_GRID) -> float:
+    """The per-token activation clip, of `configured` and `grid`, whose activation quantization error gives the
+    smallest output error summed over the layers fed `x_t` (their transformed weights `weights`, [out, in] each):
+    sum_l ||(Q_a(x_t; c) - x_t) W_l^T||^2 = sum((E_c G) * E_c) with G = sum_l W_l^T W_l. Ties keep the configured
+    clip (the first candidate); a sample without finite tokens keeps it too."""
+    from duquant.quantizers import fake_quantize_activation
+
+    x = x_t.detach().reshape(-1, x_t.shape[-1]).float()
+    x = x[torch.isfinite(x).all(dim=1)]
+    if x.shape[0] == 0:
+        return configured
+    g = sum(w.double().T @ w.double() for w in weights).to(x.device)
+    candidates = [configured] + [float(c) for c in grid if 0.0 < float(c) <= 1.0 and float(c) != configured]
+    errs = []
+    for c in candidates:
+        e = (fake_quantize_activation(x, abits, symmetric=symmetric, clip=c) - x).double()
+        errs.append(float(((e @ g) * e).sum()))
+    return candidates[errs.index(min(errs))]
 
 
 def percentile_clip_ratio(x: torch.Tensor, pct: float) -> float:

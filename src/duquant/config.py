@@ -128,6 +128,9 @@ class DuQuantConfig:
     act_symmetric: bool = False
     act_clip: float | None = None  # None: default_act_clip(abits), 0.9 (paper) at <= 4 bits, 1.0 at 8 bits
     act_pct: float | None = None  # percentile clipping of activations, folded into a per-layer clip ratio
+    # per group of layers sharing an input: the per-token activation clip (of ACT_CLIP_GRID and the configured one)
+    # with the smallest output error of the group's layers on the calibration sample (api.search_act_clip)
+    act_clip_search: bool = False
     act_static: bool = False  # one static per-tensor activation scale instead of per-token dynamic
     weight_rounding: str = "rtn"  # rtn | gptq (duquant/rounding/), in the transformed basis
     gptq_damp: float = 0.01  # GPTQ damping, a fraction of the Hessian's mean diagonal
@@ -191,6 +194,9 @@ class DuQuantConfig:
             raise ConfigError(f"activation clip {self.act_clip} must be in (0, 1] (OPENPI_DUQUANT_ACT_CLIP)")
         if self.act_pct is not None and not 50.0 < self.act_pct <= 100.0:
             raise ConfigError(f"activation percentile {self.act_pct} must be in (50, 100] (OPENPI_DUQUANT_ACT_PCT)")
+        if self.act_clip_search and (self.act_pct is not None or self.act_static):
+            raise ConfigError("the activation clip search (OPENPI_DUQUANT_ACT_CLIP_SEARCH / --act-clip-search) chooses "
+                              "the per-token dynamic clip: drop OPENPI_DUQUANT_ACT_PCT / ACT_STATIC, or the search")
         if self.rotation_steps < 0:
             raise ConfigError("rotation steps must be >= 0 (OPENPI_DUQUANT_STEPS / --rotation-steps)")
         if self.calib_steps < 1:
@@ -399,10 +405,10 @@ class DuQuantConfig:
 _PACK_FIELDS = {"method", "wbits", "abits", "block_size", "block_out", "permute", "row_rot", "alpha", "rotation_steps",
                 "w_symmetric", "w_clip", "w_group_size", "clip_search", "act_symmetric", "act_clip", "act_pct",
                 "act_static", "share_transforms", "seed", "version", "weight_rounding", "gptq_damp",
-                "gptq_act_order", "sequential"}
+                "gptq_act_order", "sequential", "act_clip_search"}
 # Added after packs were first written: hashed only when not at their default.
 _PACK_FIELDS_SINCE_ROUNDING = {"weight_rounding": "rtn", "gptq_damp": 0.01, "gptq_act_order": False,
-                               "sequential": False}
+                               "sequential": False, "act_clip_search": False}
 
 
 _DEFAULT_WBITS = DuQuantConfig.wbits
@@ -519,6 +525,8 @@ ENV_VARS: dict[str, tuple[str | None, object, str]] = {
     "ACT_SYM": ("act_symmetric", _bool, "symmetric activations (1/0)"),
     "ACT_STATIC": ("act_static", _bool, "one static per-tensor activation scale (1/0)"),
     "CLIP_SEARCH": ("clip_search", _bool, "per-channel weight clip search on calibration data (1/0)"),
+    "ACT_CLIP_SEARCH": ("act_clip_search", _bool, "per-token activation clip searched per layer group by output "
+                        "error (1/0)"),
     "STEPS": ("rotation_steps", _int, "greedy rotation steps (paper 256)"),
     "WEIGHT_ROUNDING": ("weight_rounding", lambda v, x: x.strip().lower(), f"one of {list(WEIGHT_ROUNDINGS)}"),
     "GPTQ_DAMP": ("gptq_damp", _float, "GPTQ damping, fraction of the mean Hessian diagonal (0.01)"),
@@ -600,6 +608,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--w-clip", type=float, help="per-channel weight clip ratio (default 0.8 at <=4 bits, 1.0 at 8) "
                    "[W_CLIP]")
     g.add_argument("--clip-search", action="store_const", const=True, help="search weight clips [CLIP_SEARCH]")
+    g.add_argument("--act-clip-search", action="store_const", const=True,
+                   help="activation clip searched per layer group by output error [ACT_CLIP_SEARCH]")
     g.add_argument("--act-static", action="store_const", const=True, help="static per-tensor act scale [ACT_STATIC]")
     g.add_argument("--rotation-steps", type=int, help="greedy rotation steps (default 256) [STEPS]")
     g.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS,

@@ -41,6 +41,9 @@ class RoundingSpec:
     needs_activations: bool  # needs the transformed calibration inputs (e.g. GPTQ's Hessian)
     summary: str
     default_w_clip: float | None = None  # weight clip when --w-clip is not given; None: 0.8 at <= 4 bits, else 1.0
+    # also takes x_q=: the layer's transformed calibration sample quantized as the layer quantizes its activations
+    # (None where the activations stay in float); the roundings of duquant/rounding/act_aware.py
+    act_aware: bool = False
 
 
 @dataclass(frozen=True)
@@ -174,3 +177,11 @@ register_rounding(RoundingSpec("gptq", "duquant.rounding.gptq:round_weight", Tru
 register_rounding(RoundingSpec("gptq-clip", "duquant.rounding.gptq_clip:round_weight", True,
                                "GPTQ with a per-row clip searched by the layer's output error (an LWC stand-in)",
                                default_w_clip=1.0))
+# GPTQ / gptq-clip fitted to the layer's own quantized activations: the target W_t - W_t (C^T + D) B^-1 rounded with
+# the Hessian B = E[q^T q] of the quantized inputs (duquant/rounding/act_aware.py; plain gptq at float activations)
+register_rounding(RoundingSpec("gptq-aq", "duquant.rounding.act_aware:round_gptq", True,
+                               "GPTQ fitted to the layer's quantized activations (GPTAQ-style target and Hessian)",
+                               default_w_clip=1.0, act_aware=True))
+register_rounding(RoundingSpec("gptq-clip-aq", "duquant.rounding.act_aware:round_gptq_clip", True,
+                               "gptq-clip fitted to the layer's quantized activations (gptq-aq's target and Hessian)",
+                               default_w_clip=1.0, act_aware=True))
