@@ -183,6 +183,13 @@ def test_gpu_folded_shuffle_kernel_matches_reference(m, k, symmetric):
     for precision, max_d, max_flip, rtol in (("ieee", 1, 1e-4, 1e-5), ("fp16", 2, 0.1, 5e-3)):
         codes, sx, zx, rs = act_quant_shuffle(x, plan, symmetric=symmetric, clip=0.9, precision=precision)
         d = (codes.cpu().int() - rc.int()).abs()
+        if not symmetric:
+            # codes relative to their token's zero point: the value they stand for. A token whose -min/scale sits
+            # next to a half-integer may get a zero point one off (fp16 rotations move min a little), which shifts
+            # its every code by one and the dequantized values by nothing (H100: 1 of 7 tokens at M = 7)
+            assert bool(((zx.cpu() - rzx).abs() <= (0 if precision == "ieee" else 1)).all())
+            d = ((codes.cpu().int() - zx.cpu().round().int()[:, None])
+                 - (rc.int() - rzx.round().int()[:, None])).abs()
         assert d.max() <= max_d and (d > 0).float().mean() <= max_flip, (precision, int(d.max()))
         assert torch.allclose(sx.cpu(), rsx, rtol=rtol)
         assert torch.equal(rs.cpu(), reference.code_row_sums(codes.cpu()))
