@@ -328,8 +328,7 @@ def test_folded_shuffle_kernel_under_interpreter():
 
 def test_folded_shuffle_kernel_compiles_for_sm90_without_spills():
     """The folded kernel's default steps for pi0's shuffle widths compile for sm_90 on the CPU within registers
-    and shared memory (two programs per multiprocessor at K = 2048). The 128-row step of K = 16384 with its x
-    prefetch spills a few hundred bytes per thread, and was still the fastest setting on the H100."""
+    and shared memory (two programs per multiprocessor at K = 2048)."""
     pytest.importorskip("triton")
     from duquant.kernels.aot import shuffle_kernel_report
     from duquant.kernels.triton_act_shuffle import default_config
@@ -338,5 +337,5 @@ def test_folded_shuffle_kernel_compiles_for_sm90_without_spills():
         br, warps, stages = default_config(m, k)
         for split in (False, True):
             rep = shuffle_kernel_report(br, k // 128, warps, stages=stages, split=split)
-            assert rep["spill_bytes"] <= (512 if k == 16384 else 0) and rep["registers"] <= 255, (m, k, rep)
+            assert rep["spill_bytes"] == 0 and rep["registers"] <= 255, (m, k, rep)
             assert rep["shared_bytes"] <= 227 * 1024 // (2 if k == 2048 else 1), (m, k, rep)
