@@ -188,6 +188,8 @@ def cfg_name(c: dict) -> str:
         parts.append(f"prog={c['programs']}")
     if c.get("hoist") is False:
         parts.append("per-tile matrices")
+    if c.get("prefetch"):
+        parts.append("prefetch")
     if c.get("exact_div") is False:
         parts.append("x*(1/s)")
     if len(parts) == 1 or set(c) == {"precision", "perm_mode"}:
@@ -254,7 +256,7 @@ def run_shape(m, k, transform, bw, args, failures, permute="zigzag") -> list[dic
             flip = dict(hoist=not best.get("hoist", True))
             # exact_div=False: x * (1/scale) instead of IEEE division (a ~15-instruction sequence per element)
             for extra in (dict(programs=sms), dict(programs=4 * sms), dict(programs=16), flip,
-                          dict(exact_div=False)):
+                          dict(exact_div=False), dict(prefetch=True), dict(prefetch=True, exact_div=False)):
                 c = dict(best, **extra)
                 if c not in cfgs:
                     cfgs.append(c)

@@ -64,7 +64,7 @@ def tile_kernel_report(block_tokens: int, nbp: int, num_warps: int, precision: s
     cons = dict(BR=block_tokens, NBP=nbp, BS=128, HAS_SMOOTH=True, HAS_R1=True, R1_TWO=two, HAS_PERM=True,
                 HAS_R2=True, R2_TWO=two, SYMMETRIC=False, DOT=dot, PERM_MODE=perm_mode, EXACT_DIV=exact_div,
                 USE_LIBDEVICE=True, HOIST=hoist, SPLIT=False, FP8=fp8, ROUND_E4M3=False, EVEN=not two,
-                G=max(1, 128 // nbp) if perm_mode == 2 else 1)
+                G=max(1, 128 // nbp) if perm_mode == 2 else 1, PREFETCH=False)
     cons.update(flags)  # e.g. HAS_PERM=False: what one stage costs in registers
     return compile_report(_tile_act_kernel, sig, cons, num_warps=num_warps, arch=arch)
 

@@ -140,6 +140,19 @@ def _masked(v, valid, other, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(x_ptr, stride_xm, M, K, tile, BR: tl.constexpr, NBP: tl.constexpr, BS: tl.constexpr,
+               EVEN: tl.constexpr):
+    """The [BR * NBP, BS] x tile of `tile` (rows = token, block), zero past M and K."""
+    r = tl.arange(0, BR * NBP)
+    tok = tile * BR + r // NBP
+    chan = (r % NBP)[:, None] * BS + tl.arange(0, BS)[None, :]
+    mask = (tok < M)[:, None]
+    if not EVEN:
+        mask = mask & (chan < K)
+    return tl.load(x_ptr + tok[:, None].to(tl.int64) * stride_xm + chan, mask=mask, other=0.0)
+
+
+@triton.jit
 def _tile_act_kernel(
     x_ptr, stride_xm, M, K, num_tiles,
     inv_s_ptr, r1_ptr, r2_ptr, perm_ptr, scratch_ptr,
@@ -150,12 +163,15 @@ def _tile_act_kernel(
     HAS_R2: tl.constexpr, R2_TWO: tl.constexpr, SYMMETRIC: tl.constexpr, DOT: tl.constexpr,
     PERM_MODE: tl.constexpr, EXACT_DIV: tl.constexpr, USE_LIBDEVICE: tl.constexpr, HOIST: tl.constexpr,
     SPLIT: tl.constexpr, FP8: tl.constexpr, ROUND_E4M3: tl.constexpr, EVEN: tl.constexpr, G: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     R: tl.constexpr = BR * NBP
     KP: tl.constexpr = NBP * BS
     PRESCALE: tl.constexpr = DOT == 3 and (HAS_R1 or HAS_R2)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    if PREFETCH:  # the first x tile is in flight while the matrices load (triton_act_shuffle measured this)
+        x_next = _load_tile(x_ptr, stride_xm, M, K, pid, BR, NBP, BS, EVEN)
     if HOIST:  # once per program (registers / shared memory across the tile loop), else per tile from L1
         if HAS_R1:
             a0, a1 = _load_matrix(r1_ptr, BS, R1_TWO)
@@ -183,8 +199,12 @@ def _tile_act_kernel(
                 b0, b1 = _load_matrix(r2_ptr, BS, R2_TWO)
         tok = tile * BR + tok_in_tile
         tmask = tok < M
-        x = tl.load(x_ptr + tok[:, None].to(tl.int64) * stride_xm + chan, mask=tmask[:, None] & valid,
-                    other=0.0).to(tl.float32)
+        if PREFETCH:  # the next tile loads while this one computes (masked off past the last tile)
+            x = x_next.to(tl.float32)
+            x_next = _load_tile(x_ptr, stride_xm, M, K, tile + nprog, BR, NBP, BS, EVEN)
+        else:
+            x = tl.load(x_ptr + tok[:, None].to(tl.int64) * stride_xm + chan, mask=tmask[:, None] & valid,
+                        other=0.0).to(tl.float32)
         if HAS_SMOOTH:
             x = x * tl.load(inv_s_ptr + chan)  # [KP] table, zero beyond K
         if PRESCALE:  # power of two per token: exact, keeps fp16 operands in range (module docstring)
@@ -437,18 +457,21 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
                    layout: str = "natural", precision: str = "fp16", exact_div: bool = True,
                    block_tokens: int | None = None, num_warps: int | None = None, perm_mode: str | int | None = None,
                    programs: int | None = None, hoist: bool = True, fp8: bool = False, chunk_rows: int | None = None,
-                   out: tuple | None = None):
+                   prefetch: bool = False, out: tuple | None = None):
     """Same contract as ``triton_act.act_quant``: x [M, K] -> (codes int8 [M, Kc], scale f32 [M], zero f32 [M] |
     None, rowsum int32 [M]). ``out`` = preallocated (codes, scale, zero, rowsum) to write into (CUDA graphs,
     poisoned-output checks). ``programs``: persistent grid size (default 2 per multiprocessor); each program
     reads the two 32 KB matrices once when ``hoist``, which at K = 2048 is more L2 traffic than its tokens.
     ``fp8``: e4m3 codes [M, K] and scale = absmax * clip / 448 per token instead (zero and rowsum None; the
     ``w8a8-fp8`` format), symmetric and layout ignored. ``chunk_rows``: one token per program step in chunks of
-    that many blocks (``_tile_act_chunked_kernel``; default for tokens of more than 32 blocks, 0 = never)."""
+    that many blocks (``_tile_act_chunked_kernel``; default for tokens of more than 32 blocks, 0 = never).
+    ``prefetch`` (one-tile kernel): request the first x tile before the matrices load and each next one before
+    the current one computes (the folded kernel's measured gain, BENCHMARKS.md §4); off by default here until the
+    H100 sweep of this kernel (bench/act_transform.py) has measured it."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} not in {list(PRECISIONS)}")
     if (block_tokens is None and num_warps is None and perm_mode is None and chunk_rows is None and hoist
-            and programs is None and _fold_default(plan, precision)):
+            and programs is None and not prefetch and _fold_default(plan, precision)):
         from duquant.kernels.triton_act_shuffle import act_quant_shuffle
 
         # (its own division default: exact for float32 rotations, x * (1/s) for fp16 / bf16 ones)
@@ -529,6 +552,7 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
         EXACT_DIV=bool(exact_div), USE_LIBDEVICE=not _INTERPRET and libdevice is not None, HOIST=bool(hoist),
         SPLIT=layout == "split", FP8=bool(fp8), ROUND_E4M3=_INTERPRET, EVEN=k == nbp * bs,
         G=plan.shuffle_piece if pmode == PERM_MODES["transpose"] else 1,  # (other modes: no extra specialization)
+        PREFETCH=bool(prefetch),
         num_warps=warps, **flags,
     )
     return codes, scale, zero, rowsum
