@@ -17,11 +17,14 @@ tile kernel stores them, in natural order or in the packed-int4 GEMM's split ord
 ones). For the split order R2's columns are reordered too, even ones first: each half of a row of Z is then one
 contiguous 64-byte run of the split layout, stored as it is (no deinterleave in registers).
 
-The loop over token steps is a ``tl.range`` with ``num_stages`` (``STAGES``): Triton prefetches the next steps' x
-loads while the current step computes, and each program reads the two 32 KB matrices once.
+Latency (ncu on the H100, BENCHMARKS.md §4): a persistent program reads the two 32 KB matrices once, and with
+``PREFETCH`` (the default) its first x tile is requested before the matrices are staged and each next tile before
+the current step computes; without it every program waited for two global latencies back to back. Triton's own
+pipelining (``STAGES`` > 1) costs a shared-memory buffer per stage and measured slower.
 
 Numerics are the tile kernel's (``triton_act_tile``): fp16 rotations after a per-token power-of-two scaling,
-float32 accumulation, IEEE division and round half to even for the codes (``reference.act_quant``'s spec).
+float32 accumulation, round half to even for the codes (``reference.act_quant``'s spec); the int8 codes divide by
+multiplying with 1/s for fp16 / bf16 rotations (``act_quant_shuffle``'s ``exact_div``), IEEE division otherwise.
 """
 
 from __future__ import annotations
