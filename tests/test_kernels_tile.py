@@ -340,3 +340,19 @@ def test_folded_shuffle_kernel_compiles_for_sm90_without_spills():
             rep = shuffle_kernel_report(br, k // 128, warps, stages=stages, split=split)
             assert rep["spill_bytes"] == 0 and rep["registers"] <= 255, (m, k, rep)
             assert rep["shared_bytes"] <= 227 * 1024 // (2 if k == 2048 else 1), (m, k, rep)
+
+
+def test_plan_bytes_count_the_kernels_cached_copies():
+    """A layer's resident bytes include the fp16 matrices and padded tables the kernels cache on its plan (the
+    folded kernel's two 16 x 16 fp16 matrices here: 1024 bytes)."""
+    pytest.importorskip("triton")
+    from duquant.kernels.triton_act import build_act_plan
+    from duquant.kernels.triton_act_shuffle import folded_matrices
+    from duquant.random_layers import random_transform
+
+    plan = build_act_plan(random_transform(256, "duquant", 16, seed=1, steps=2, permute="shuffle"), 256, "cpu")
+    before = plan.num_bytes()
+    folded_matrices(plan, "fp16")
+    assert plan.num_bytes() == before + 2 * 16 * 16 * 2
+    folded_matrices(plan, "fp16")  # cached: counted once
+    assert plan.num_bytes() == before + 2 * 16 * 16 * 2

@@ -304,7 +304,12 @@ class ActPlan:
         return self.dest_split if layout == "split" else self.dest_natural
 
     def num_bytes(self) -> int:
+        """Bytes of the plan's tensors, and of the kernel-dtype copies the kernels cached on it (fp16 matrices,
+        padded tables: ``_tile_mats``, ``_folded_mats``, ``_tile_tables``)."""
         ts = [self.inv_smooth, self.r1, self.r2, self.perm, self.perm_fwd, self.dest_natural, self.dest_split]
+        for name in ("_tile_mats", "_folded_mats", "_tile_tables"):
+            for v in self.__dict__.get(name, {}).values():
+                ts += list(v.values()) if isinstance(v, dict) else list(v) if isinstance(v, tuple) else [v]
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
