@@ -454,7 +454,7 @@ def default_config(m: int, k: int, bs: int = 128) -> tuple[int, int, int]:
 
 
 def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, clip: float = 1.0,
-                   layout: str = "natural", precision: str = "fp16", exact_div: bool = True,
+                   layout: str = "natural", precision: str = "fp16", exact_div: bool | None = None,
                    block_tokens: int | None = None, num_warps: int | None = None, perm_mode: str | int | None = None,
                    programs: int | None = None, hoist: bool = True, fp8: bool = False, chunk_rows: int | None = None,
                    prefetch: bool = False, out: tuple | None = None):
@@ -465,18 +465,20 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
     ``fp8``: e4m3 codes [M, K] and scale = absmax * clip / 448 per token instead (zero and rowsum None; the
     ``w8a8-fp8`` format), symmetric and layout ignored. ``chunk_rows``: one token per program step in chunks of
     that many blocks (``_tile_act_chunked_kernel``; default for tokens of more than 32 blocks, 0 = never).
-    ``prefetch`` (one-tile kernel): request the first x tile before the matrices load and each next one before
-    the current one computes (the folded kernel's measured gain, BENCHMARKS.md §4); off by default here until the
-    H100 sweep of this kernel (bench/act_transform.py) has measured it."""
+    ``exact_div``: IEEE division for the codes (None, the default: IEEE here, and a shuffle plan's folded kernel
+    keeps its own default). ``prefetch`` (one-tile kernel): request the first x tile before the matrices load and
+    each next one before the current one computes (the folded kernel's measured gain, BENCHMARKS.md §4); off by
+    default here until the H100 sweep of this kernel (bench/act_transform.py) has measured it."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} not in {list(PRECISIONS)}")
     if (block_tokens is None and num_warps is None and perm_mode is None and chunk_rows is None and hoist
             and programs is None and not prefetch and _fold_default(plan, precision)):
         from duquant.kernels.triton_act_shuffle import act_quant_shuffle
 
-        # (its own division default: exact for float32 rotations, x * (1/s) for fp16 / bf16 ones)
+        # exact_div None: its own default (IEEE for float32 rotations, x * (1/s) for fp16 / bf16 ones)
         return act_quant_shuffle(x, plan, symmetric=symmetric, clip=clip, layout=layout, precision=precision,
-                                 exact_div=None if exact_div else False, fp8=fp8, out=out)
+                                 exact_div=exact_div, fp8=fp8, out=out)
+    exact_div = True if exact_div is None else exact_div  # this kernel's default: IEEE division
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
