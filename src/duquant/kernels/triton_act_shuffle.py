@@ -33,11 +33,14 @@ import torch
 import triton
 import triton.language as tl
 
-from duquant.kernels.triton_act import ActPlan, _max_programs, _rint, libdevice
+from duquant.kernels.triton_act import ActPlan, _max_programs, libdevice
 from duquant.kernels.triton_act_tile import (
     _INTERPRET,
     PRECISIONS,
     _dot,
+    _fp8_codes,
+    _int8_codes,
+    _load_tile,
     _per_token,
     _to_rows,
 )
@@ -52,15 +55,6 @@ def _fold_shuffle(y, BR: tl.constexpr, NB: tl.constexpr, G: tl.constexpr, BS: tl
     else:
         out = tl.reshape(tl.permute(tl.reshape(y, (BR, NB, G, NB)), (0, 3, 1, 2)), (BR * NB, BS))
     return out
-
-
-@triton.jit
-def _load_step(x_ptr, stride_xm, M, step, BR: tl.constexpr, NB: tl.constexpr, BS: tl.constexpr):
-    """The [BR * NB, BS] x tile of token step `step` (rows = token, block), zero past M."""
-    r = tl.arange(0, BR * NB)
-    tok = step * BR + r // NB
-    chan = (r % NB)[:, None] * BS + tl.arange(0, BS)[None, :]
-    return tl.load(x_ptr + tok[:, None].to(tl.int64) * stride_xm + chan, mask=(tok < M)[:, None], other=0.0)
 
 
 @triton.jit
@@ -80,7 +74,7 @@ def _shuffle_act_kernel(
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     if PREFETCH:  # this program's first x tile is in flight while the matrices are staged (ncu: two latencies)
-        x_next = _load_step(x_ptr, stride_xm, M, pid, BR, NB, BS)
+        x_next = _load_tile(x_ptr, stride_xm, M, K, pid, BR, NB, BS, True)
     kk = tl.arange(0, BS)
     r1 = tl.load(r1_ptr + kk[:, None] * BS + kk[None, :])
     r2 = tl.load(r2_ptr + kk[:, None] * BS + kk[None, :])
@@ -95,7 +89,7 @@ def _shuffle_act_kernel(
         tmask = tok < M
         if PREFETCH:  # the next step's tile loads while this one computes (masked off past the last step)
             x = x_next.to(tl.float32)
-            x_next = _load_step(x_ptr, stride_xm, M, step + nprog, BR, NB, BS)
+            x_next = _load_tile(x_ptr, stride_xm, M, K, step + nprog, BR, NB, BS, True)
         else:
             x = tl.load(x_ptr + tok[:, None].to(tl.int64) * stride_xm + chan, mask=tmask[:, None],
                         other=0.0).to(tl.float32)
@@ -116,38 +110,14 @@ def _shuffle_act_kernel(
 
         toks = step * BR + tl.arange(0, BR)
         tm = toks < M
+        every = tl.full((1, BS), 1, tl.int1)  # whole blocks: every channel is valid
         if FP8:  # e4m3 codes, scale = absmax * clip / 448 per token (formats/fp8.py)
-            amax = _per_token(tl.max(tl.abs(y), axis=1), BR, NB, 0)
-            scale = tl.maximum(tl.div_rn(amax * clip, 448.0), 1e-12)
-            v = tl.div_rn(y, _to_rows(scale, BR, NB)[:, None])
-            v = tl.minimum(tl.maximum(v, -448.0), 448.0)
-            if ROUND_E4M3:  # the interpreter's fp8 cast loses the rounding carry: round on the e4m3 grid first
-                e = tl.maximum(tl.floor(tl.log2(tl.maximum(tl.abs(v), 1e-30))), -6.0)
-                stp = tl.exp2(e - 3.0)
-                v = _rint(v / stp, USE_LIBDEVICE) * stp
+            v, scale = _fp8_codes(y, every, clip, BR, NB, True, ROUND_E4M3, USE_LIBDEVICE)
             tl.store(codes_ptr + tok[:, None].to(tl.int64) * stride_cm + chan, v.to(tl.float8e4nv),
                      mask=tmask[:, None])
             tl.store(scale_ptr + toks, scale, mask=tm)
         else:
-            if SYMMETRIC:
-                amax = _per_token(tl.max(tl.abs(y), axis=1), BR, NB, 0)
-                scale = tl.minimum(tl.maximum(tl.div_rn(amax * clip, 127.0), 1e-8), 1e8)
-            else:
-                mn = _per_token(tl.min(y, axis=1), BR, NB, 1) * clip
-                mx = _per_token(tl.max(y, axis=1), BR, NB, 0) * clip
-                scale = tl.minimum(tl.maximum(tl.div_rn(mx - mn, 255.0), 1e-8), 1e8)
-                zero = _rint(tl.div_rn(-mn, scale), USE_LIBDEVICE)
-            scale_r = _to_rows(scale, BR, NB)
-            if EXACT_DIV:
-                v = tl.div_rn(y, scale_r[:, None])
-            else:
-                v = y * tl.div_rn(1.0, scale_r)[:, None]
-            q = _rint(v, USE_LIBDEVICE)
-            if SYMMETRIC:
-                q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-            else:
-                q = tl.minimum(tl.maximum(q + _to_rows(zero, BR, NB)[:, None], 0.0), 255.0) - 128.0
-            qi = q.to(tl.int32)
+            qi, scale, zero = _int8_codes(y, every, clip, BR, NB, True, SYMMETRIC, EXACT_DIV, USE_LIBDEVICE)
             if SPLIT:  # R2's columns came even-first (folded_matrices): each half-row is one contiguous run
                 dest = blk[:, None] * (BS // 2) + (i % (BS // 2))[None, :] + (i // (BS // 2))[None, :] * (K // 2)
             else:

@@ -140,6 +140,53 @@ def _masked(v, valid, other, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _fp8_codes(y, valid, clip, BR: tl.constexpr, NBP: tl.constexpr, EVEN: tl.constexpr, ROUND_E4M3: tl.constexpr,
+               USE_LIBDEVICE: tl.constexpr):
+    """A [BR * NBP, BS] tile (rows = token, block) -> (e4m3 values in float32, to be cast; scale [BR] =
+    absmax * clip / 448 per token, formats/fp8.py). Channels outside `valid` are left out of the absmax."""
+    amax = _per_token(tl.max(_masked(tl.abs(y), valid, 0.0, EVEN), axis=1), BR, NBP, 0)
+    scale = tl.maximum(tl.div_rn(amax * clip, 448.0), 1e-12)
+    v = tl.div_rn(y, _to_rows(scale, BR, NBP)[:, None])
+    v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+    if ROUND_E4M3:  # the interpreter's fp8 cast loses the rounding carry: round on the e4m3 grid first
+        e = tl.maximum(tl.floor(tl.log2(tl.maximum(tl.abs(v), 1e-30))), -6.0)
+        step = tl.exp2(e - 3.0)
+        v = _rint(v / step, USE_LIBDEVICE) * step
+    return v, scale
+
+
+@triton.jit
+def _int8_codes(y, valid, clip, BR: tl.constexpr, NBP: tl.constexpr, EVEN: tl.constexpr, SYMMETRIC: tl.constexpr,
+                EXACT_DIV: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """A [BR * NBP, BS] tile (rows = token, block) -> (int32 codes in their stored form, scale [BR], zero [BR])
+    per ``reference.act_quant``: symmetric clamp(round(y/s), -127, 127) (zero unused), asymmetric
+    clamp(round(y/s) + z, 0, 255) - 128 with min / max clipped by `clip`. EXACT_DIV: IEEE division, else
+    y * (1/s). Channels outside `valid` are left out of the statistics."""
+    if SYMMETRIC:
+        amax = _per_token(tl.max(_masked(tl.abs(y), valid, 0.0, EVEN), axis=1), BR, NBP, 0)
+        scale = tl.div_rn(amax * clip, 127.0)
+        scale = tl.minimum(tl.maximum(scale, 1e-8), 1e8)
+        zero = scale * 0.0
+    else:
+        mn = _per_token(tl.min(_masked(y, valid, float("inf"), EVEN), axis=1), BR, NBP, 1) * clip
+        mx = _per_token(tl.max(_masked(y, valid, float("-inf"), EVEN), axis=1), BR, NBP, 0) * clip
+        scale = tl.div_rn(mx - mn, 255.0)
+        scale = tl.minimum(tl.maximum(scale, 1e-8), 1e8)
+        zero = _rint(tl.div_rn(-mn, scale), USE_LIBDEVICE)
+    scale_r = _to_rows(scale, BR, NBP)
+    if EXACT_DIV:
+        v = tl.div_rn(y, scale_r[:, None])
+    else:
+        v = y * tl.div_rn(1.0, scale_r)[:, None]
+    q = _rint(v, USE_LIBDEVICE)
+    if SYMMETRIC:
+        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+    else:
+        q = tl.minimum(tl.maximum(q + _to_rows(zero, BR, NBP)[:, None], 0.0), 255.0) - 128.0
+    return q.to(tl.int32), scale, zero
+
+
+@triton.jit
 def _load_tile(x_ptr, stride_xm, M, K, tile, BR: tl.constexpr, NBP: tl.constexpr, BS: tl.constexpr,
                EVEN: tl.constexpr):
     """The [BR * NBP, BS] x tile of `tile` (rows = token, block), zero past M and K."""
@@ -246,39 +293,12 @@ def _tile_act_kernel(
         toks = tile * BR + tl.arange(0, BR)
         tm = toks < M
         if FP8:  # e4m3 codes, scale = absmax * clip / 448 per token (formats/fp8.py), no zero point, no code sum
-            amax = _per_token(tl.max(_masked(tl.abs(y), valid, 0.0, EVEN), axis=1), BR, NBP, 0)
-            scale = tl.maximum(tl.div_rn(amax * clip, 448.0), 1e-12)
-            v = tl.div_rn(y, _to_rows(scale, BR, NBP)[:, None])
-            v = tl.minimum(tl.maximum(v, -448.0), 448.0)
-            if ROUND_E4M3:  # the interpreter's fp8 cast loses the rounding carry: round on the e4m3 grid first
-                e = tl.maximum(tl.floor(tl.log2(tl.maximum(tl.abs(v), 1e-30))), -6.0)
-                step = tl.exp2(e - 3.0)
-                v = _rint(v / step, USE_LIBDEVICE) * step
+            v, scale = _fp8_codes(y, valid, clip, BR, NBP, EVEN, ROUND_E4M3, USE_LIBDEVICE)
             tl.store(codes_ptr + tok[:, None].to(tl.int64) * stride_cm + chan, v.to(tl.float8e4nv),
                      mask=tmask[:, None] & valid)
             tl.store(scale_ptr + toks, scale, mask=tm)
         else:
-            if SYMMETRIC:
-                amax = _per_token(tl.max(_masked(tl.abs(y), valid, 0.0, EVEN), axis=1), BR, NBP, 0)
-                scale = tl.div_rn(amax * clip, 127.0)
-                scale = tl.minimum(tl.maximum(scale, 1e-8), 1e8)
-            else:
-                mn = _per_token(tl.min(_masked(y, valid, float("inf"), EVEN), axis=1), BR, NBP, 1) * clip
-                mx = _per_token(tl.max(_masked(y, valid, float("-inf"), EVEN), axis=1), BR, NBP, 0) * clip
-                scale = tl.div_rn(mx - mn, 255.0)
-                scale = tl.minimum(tl.maximum(scale, 1e-8), 1e8)
-                zero = _rint(tl.div_rn(-mn, scale), USE_LIBDEVICE)
-            scale_r = _to_rows(scale, BR, NBP)
-            if EXACT_DIV:
-                v = tl.div_rn(y, scale_r[:, None])
-            else:
-                v = y * tl.div_rn(1.0, scale_r)[:, None]
-            q = _rint(v, USE_LIBDEVICE)
-            if SYMMETRIC:
-                q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-            else:
-                q = tl.minimum(tl.maximum(q + _to_rows(zero, BR, NBP)[:, None], 0.0), 255.0) - 128.0
-            qi = q.to(tl.int32)
+            qi, scale, zero = _int8_codes(y, valid, clip, BR, NBP, EVEN, SYMMETRIC, EXACT_DIV, USE_LIBDEVICE)
             smask = tmask[:, None] & valid
             _store_codes(codes_ptr + tok[:, None].to(tl.int64) * stride_cm, qi.to(tl.int8), blk, tmask[:, None], K,
                          R, BS, SPLIT)
