@@ -90,7 +90,7 @@ def chunked_kernel_report(chunk_rows: int, nbp: int, num_warps: int = 4, precisi
     return compile_report(_tile_act_chunked_kernel, sig, cons, num_warps=num_warps, arch=arch)
 
 
-def shuffle_kernel_report(block_tokens: int, nb: int, num_warps: int, precision: str = "fp16", stages: int = 2,
+def shuffle_kernel_report(block_tokens: int, nb: int, num_warps: int, precision: str = "fp16", stages: int = 1,
                           fp8: bool = False, split: bool = False, arch: int = 90, **flags) -> dict:
     """compile_report of ``triton_act_shuffle._shuffle_act_kernel`` (permute=shuffle folded into the matrices)."""
     from duquant.kernels.triton_act_shuffle import PRECISIONS, _shuffle_act_kernel
