@@ -273,9 +273,14 @@ def test_fp8_activation_kernel_and_group_under_interpreter():
     run_under_interpreter(_FP8_SCRIPT, "FP8 INTERPRETER OK", timeout=300)
 
 
-@pytest.mark.parametrize("split_k", [1, 3])  # one output tile per program; K split over 3 programs (one launch)
-def test_w4a16_kernel_under_interpreter(split_k, monkeypatch):
+@pytest.mark.parametrize("impl,split_k,ilv", [("natural", 1, 0), ("natural", 3, 1), ("stride2", 1, 0),
+                                             ("stride2", 3, 0)])
+def test_w4a16_kernel_under_interpreter(impl, split_k, ilv, monkeypatch):
+    """split_k 1: one output tile per program; 3: K split over 3 programs (one launch). ilv: the natural kernel's
+    weights interleaved (0) or x split into even / odd channels (1)."""
+    monkeypatch.setenv("DUQUANT_W4A16_IMPL", impl)
     monkeypatch.setenv("DUQUANT_W4A16_SPLIT", str(split_k))
+    monkeypatch.setenv("DUQUANT_W4A16_ILV", str(ilv))
     run_under_interpreter(_W4A16_SCRIPT, "W4A16 INTERPRETER OK", timeout=300)
 
 
@@ -334,3 +339,25 @@ def test_gpu_tile_act_impl_in_layer_group(monkeypatch):
         y = la(x.cuda())
         rel = float((y.float().cpu().double() - ref).norm() / ref.norm())
         assert rel < 1e-2 and math.isfinite(rel)
+
+
+def test_w4a16_natural_kernel_is_pipelined_for_sm90():
+    """The natural kernel's tiles of x and of the packed weights are fetched asynchronously (cp.async) by the
+    software pipeline on sm_90 (the first kernel's stride-2 x loads cannot be), and its configurations fit in
+    registers; compiled on the CPU with Triton's bundled ptxas."""
+    pytest.importorskip("triton")
+    from duquant.kernels.aot import w4a16_kernel_report
+
+    for kw in (dict(), dict(ilv=1), dict(split_k=4), dict(bn=128, num_warps=8)):
+        rep = w4a16_kernel_report("natural", **kw)
+        assert rep["async_copies"] >= 2 and rep["wgmma"] >= 1, (kw, rep)
+        assert rep["spill_bytes"] == 0 and rep["registers"] <= 255, (kw, rep)
+
+
+def test_w4a16_weight_refuses_fractional_zero_points():
+    from duquant.kernels.triton_w4a16 import w4a16_weight
+    from duquant.quantizers import quantize_weight
+
+    qw = quantize_weight(torch.randn(8, 32), 4, symmetric=False)
+    with pytest.raises(ValueError, match="integer zero points"):
+        w4a16_weight(qw.packed(), qw.scale, qw.zero + 0.5, bits=4, symmetric=False, group_size=None, shape=(8, 32))

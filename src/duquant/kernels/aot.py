@@ -15,13 +15,15 @@ import tempfile
 
 
 def compile_report(fn, signature: dict, constexprs: dict, num_warps: int = 4, arch: int = 90,
-                   divisible: tuple | None = None) -> dict:
+                   divisible: tuple | None = None, num_stages: int | None = None) -> dict:
     """signature: {arg: type string ("*fp16", "i32", "fp32")}, constexprs: {arg: value}; -> registers, spill
     bytes (stores), shared memory bytes, and the TTGIR's convert_layout count (register <-> shared round trips).
 
     ``divisible``: arguments to mark divisible by 16, as Triton's JIT does at launch for 16-byte aligned pointers
     and integers that are multiples of 16 (without it the code is the worst case: byte-wise, unpipelined loads).
-    Default: every pointer and every argument whose name starts with "stride"."""
+    Default: every pointer and every argument whose name starts with "stride". The JIT also marks integer
+    arguments whose launch value is a multiple of 16 (K = 1024, say): name those here to compile what runs, since
+    a mask on an unmarked bound keeps masked loads out of the software pipeline."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -34,7 +36,8 @@ def compile_report(fn, signature: dict, constexprs: dict, num_warps: int = 4, ar
         divisible = tuple(k for k, v in signature.items() if v.startswith("*") or k.startswith("stride"))
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in divisible}
     src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    options = {"num_warps": num_warps} | ({} if num_stages is None else {"num_stages": num_stages})
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.ptx")
@@ -46,7 +49,8 @@ def compile_report(fn, signature: dict, constexprs: dict, num_warps: int = 4, ar
     spill = re.search(r"(\d+) bytes spill stores", out)
     return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": int(spill.group(1)) if spill else 0,
             "shared_bytes": int(kernel.metadata.shared), "convert_layouts": kernel.asm["ttgir"].count(
-                "ttg.convert_layout")}
+                "ttg.convert_layout"), "async_copies": kernel.asm["ttgir"].count("ttg.async_copy_global_to_local"),
+            "wgmma": kernel.asm["ttgir"].count("ttng.warp_group_dot ")}
 
 
 def tile_kernel_report(block_tokens: int, nbp: int, num_warps: int, precision: str = "fp16", perm_mode: int = 0,
@@ -105,3 +109,21 @@ def shuffle_kernel_report(block_tokens: int, nb: int, num_warps: int, precision:
                 STAGES=stages, PREFETCH=True)  # the host's defaults
     cons.update(flags)
     return compile_report(_shuffle_act_kernel, sig, cons, num_warps=num_warps, arch=arch)
+
+
+def w4a16_kernel_report(impl: str = "natural", bn: int = 64, bm: int = 64, bk: int = 128, split_k: int = 1,
+                        ilv: int = 0, num_warps: int = 4, num_stages: int = 4, group_size: int = 0,
+                        arch: int = 90) -> dict:
+    """compile_report of a w4a16 kernel (``natural`` or ``stride2``) at one launch configuration, per channel."""
+    from duquant.kernels import triton_w4a16 as w4
+
+    sig = {"x_ptr": "*bf16", "stride_xm": "i32", "w_ptr": "*u8", "stride_wn": "i32", "s_ptr": "*fp32",
+           "z_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*bf16", "stride_ym": "i32", "ws_ptr": "*fp32",
+           "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "KH": "i32", "NG": "i32", "MB": "i32"}
+    if impl == "natural":
+        fn, cons = w4._w4a16_natural_kernel.fn, dict(GS=group_size, HAS_BIAS=False, USE_ASM=True, BN=bn, BM=bm,
+                                                     BK=bk, SPLIT_K=split_k, ILV=ilv)
+    else:
+        fn, cons = w4._w4a16_kernel.fn, dict(GS=group_size, HAS_BIAS=False, BN=bn, BM=bm, KS=bk, SPLIT_K=split_k)
+    div = tuple(k for k, v in sig.items() if v.startswith("*") or k.startswith("stride")) + ("K", "KH", "N", "MB")
+    return compile_report(fn, sig, cons, num_warps=num_warps, arch=arch, num_stages=num_stages, divisible=div)

@@ -5,8 +5,13 @@ bytes, so reading 4 bits per weight instead of 16 is the whole point, and there 
 
 The unpacked codes minus the zero point are small integers, exact in bf16, so the tensor cores multiply x by the
 integer matrix and the scales are applied to the float32 accumulator (per group: once per K step). The only
-roundings are x's own dtype and the output's. Even and odd channels meet the low and high nibbles: x is read as
-two stride-2 halves, which costs nothing at these M (x is a few hundred KB, L2-resident).
+roundings are x's own dtype and the output's. Even and odd channels meet the low and high nibbles. Two kernels:
+
+- ``natural`` (the default): x is read in whole contiguous tiles, which the software pipeline fetches
+  asynchronously; the unpacked weights are interleaved back to channel order in registers (or x is split into
+  its even / odd channels), and the integer zero point is subtracted in int8.
+- ``stride2`` (the first version): x is read as two stride-2 halves, one per nibble. Those loads cannot be
+  asynchronous, so every K step waits on them.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from duquant.kernels.triton_gemm import _USE_ASM, _nibble_hi, _nibble_lo
 
 
 def _cfg(bn, bm, ks, split, warps, stages):
@@ -92,6 +99,86 @@ def _w4a16_kernel(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, z_ptr, b_ptr, y_ptr
             acc += part * scale_g[:, None]
         else:
             acc += part
+    _finish(acc, s_ptr, b_ptr, y_ptr, stride_ym, ws_ptr, lock_ptr, offs_n, offs_m, nmask, mmask, pid_n, pid_m, pid_k,
+            GS, HAS_BIAS, BN, BM, SPLIT_K)
+
+
+def _ncfg(bn, bm, bk, split, ilv, warps, stages):
+    return triton.Config({"BN": bn, "BM": bm, "BK": bk, "SPLIT_K": split, "ILV": ilv}, num_warps=warps,
+                         num_stages=stages)
+
+
+_NAT_CONFIGS = [
+    _ncfg(64, 64, 128, 1, 0, 4, 4), _ncfg(64, 64, 128, 2, 0, 4, 4), _ncfg(64, 64, 128, 4, 0, 4, 4),
+    _ncfg(64, 64, 256, 1, 0, 4, 3), _ncfg(64, 64, 256, 2, 0, 4, 3), _ncfg(128, 64, 128, 1, 0, 4, 4),
+    _ncfg(128, 64, 128, 2, 0, 8, 4), _ncfg(64, 64, 128, 1, 1, 4, 4), _ncfg(64, 64, 128, 4, 1, 4, 4),
+    _ncfg(128, 128, 64, 1, 0, 8, 3), _ncfg(128, 128, 128, 1, 0, 8, 3), _ncfg(64, 128, 128, 1, 0, 4, 3),
+]
+if os.environ.get("DUQUANT_GEMM_QUICK") == "1" or os.environ.get("TRITON_INTERPRET") == "1":
+    _NAT_CONFIGS = [_ncfg(16, 16, 32, int(os.environ.get("DUQUANT_W4A16_SPLIT", "1")),
+                          int(os.environ.get("DUQUANT_W4A16_ILV", "0")), 4, 2)]
+
+
+@triton.autotune(configs=_NAT_CONFIGS, key=["MB", "N", "K", "GS"], do_bench=_bench_graph, reset_to_zero=["lock_ptr"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _w4a16_natural_kernel(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, z_ptr, b_ptr, y_ptr, stride_ym, ws_ptr,
+                          lock_ptr, M, N, K, KH, NG, MB,
+                          GS: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, BN: tl.constexpr,
+                          BM: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, ILV: tl.constexpr):
+    """The same product with x read in its natural order, whole contiguous [BM, BK] tiles (which the pipeliner can
+    fetch asynchronously; the stride-2 halves of ``_w4a16_kernel`` cannot be). The nibbles are pulled apart with
+    one AND / one SHIFT+AND per 4 bytes and the integer zero point is subtracted in int8 (codes - zero is within
+    +-15); then either the weights are interleaved back to channel order in registers (ILV = 0: one MMA per step,
+    the weights as its register A operand) or x is split into its even / odd channels (ILV = 1: two MMAs)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    nmask = offs_n < N
+    mmask = offs_m < M
+    STEP: tl.constexpr = BK if (GS == 0 or BK <= GS) else GS  # a K step never straddles two scale groups
+    kk = tl.arange(0, STEP)
+    jj = tl.arange(0, STEP // 2)
+    steps = tl.cdiv(K, STEP)
+    per_split = tl.cdiv(steps, SPLIT_K)
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    if GS == 0:
+        zero = tl.load(z_ptr + offs_n, mask=nmask, other=0.0).to(tl.int8)
+    xrow = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    wrow = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    for kb in range(pid_k * per_split, tl.minimum(steps, (pid_k + 1) * per_split)):
+        k = kb * STEP + kk
+        x = tl.load(xrow + k[None, :], mask=mmask[:, None] & (k < K)[None, :], other=0.0)
+        byte = kb * (STEP // 2) + jj
+        p = tl.load(wrow + byte[None, :], mask=nmask[:, None] & (byte < KH)[None, :], other=0)
+        if GS != 0:
+            g = (kb * STEP) // GS
+            zero = tl.load(z_ptr + offs_n * NG + g, mask=nmask, other=0.0).to(tl.int8)
+            scale_g = tl.load(s_ptr + offs_n * NG + g, mask=nmask, other=0.0)
+        lo = (_nibble_lo(p, USE_ASM) - zero[:, None]).to(x.dtype)  # small integers: exact
+        hi = (_nibble_hi(p, USE_ASM) - zero[:, None]).to(x.dtype)
+        if ILV == 0:
+            part = tl.dot(tl.join(lo, hi).reshape(BN, STEP), tl.trans(x))
+        else:
+            xe, xo = tl.split(x.reshape(BM, STEP // 2, 2))
+            part = tl.dot(lo, tl.trans(xe))
+            part = tl.dot(hi, tl.trans(xo), part)
+        if GS != 0:
+            acc += part * scale_g[:, None]
+        else:
+            acc += part
+    _finish(acc, s_ptr, b_ptr, y_ptr, stride_ym, ws_ptr, lock_ptr, offs_n, offs_m, nmask, mmask, pid_n, pid_m, pid_k,
+            GS, HAS_BIAS, BN, BM, SPLIT_K)
+
+
+@triton.jit
+def _finish(acc, s_ptr, b_ptr, y_ptr, stride_ym, ws_ptr, lock_ptr, offs_n, offs_m, nmask, mmask, pid_n, pid_m, pid_k,
+            GS: tl.constexpr, HAS_BIAS: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Store the tile, or with SPLIT_K > 1 write this program's float32 partial and let the last program of the
+    tile to arrive (a counter per tile) add the partials in split order: one launch, and the same sum every run
+    (no atomics on the data)."""
     if SPLIT_K > 1:
         tile = pid_m * tl.num_programs(0) + pid_n
         tile_elems = BN * BM
@@ -151,6 +238,8 @@ def w4a16_weight(qweight: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Ten
         zero = torch.full((n * ng,), float(2 ** (bits - 1)), device=qweight.device)
     else:
         zero = w_zero.float().reshape(n, ng).contiguous().reshape(-1)
+    if not torch.equal(zero, zero.round()):
+        raise ValueError("the w4a16 kernel subtracts integer zero points (as quantize_weight makes them)")
     data = qweight if qweight.dtype == torch.uint8 else qweight.view(torch.uint8)
     return W4A16Weight(data=data.contiguous(), scale=scale, zero=zero,
                        bias=None if bias is None else bias.detach().float().contiguous(), N=n, K=k,
@@ -162,8 +251,18 @@ def _mb(m: int) -> int:
     return 1 << max(4, (m - 1).bit_length())
 
 
-def w4a16_gemm(x: torch.Tensor, w: W4A16Weight, out: torch.Tensor | None = None) -> torch.Tensor:
+IMPLS = ("natural", "stride2")
+# "natural" (whole x tiles, interleaved weights) unless DUQUANT_W4A16_IMPL says otherwise; the choice is measured in
+# BENCHMARKS.md section 9 (bench/w4a16_sweep.py)
+DEFAULT_IMPL = "natural"
+
+
+def w4a16_gemm(x: torch.Tensor, w: W4A16Weight, out: torch.Tensor | None = None,
+               impl: str | None = None) -> torch.Tensor:
     """x [M, K] (bf16 / fp16, last dim contiguous) -> y [M, N] in x's dtype."""
+    impl = impl or os.environ.get("DUQUANT_W4A16_IMPL", DEFAULT_IMPL)
+    if impl not in IMPLS:
+        raise ValueError(f"unknown w4a16 kernel {impl!r}: one of {', '.join(IMPLS)} (DUQUANT_W4A16_IMPL)")
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
@@ -178,9 +277,12 @@ def w4a16_gemm(x: torch.Tensor, w: W4A16Weight, out: torch.Tensor | None = None)
     def grid(meta):
         return (triton.cdiv(w.N, meta["BN"]), triton.cdiv(m, meta["BM"]), meta["SPLIT_K"])
 
-    _w4a16_kernel[grid](x, x.stride(0), w.data, w.data.stride(0), w.scale, w.zero,
-                        w.bias if w.bias is not None else w.scale, y, y.stride(0), ws, lock, m, w.N, k,
-                        w.data.shape[1], ng, _mb(m), GS=w.group_size or 0, HAS_BIAS=w.bias is not None)
+    args = (x, x.stride(0), w.data, w.data.stride(0), w.scale, w.zero, w.bias if w.bias is not None else w.scale, y,
+            y.stride(0), ws, lock, m, w.N, k, w.data.shape[1], ng, _mb(m))
+    if impl == "natural":
+        _w4a16_natural_kernel[grid](*args, GS=w.group_size or 0, HAS_BIAS=w.bias is not None, USE_ASM=_USE_ASM)
+    else:
+        _w4a16_kernel[grid](*args, GS=w.group_size or 0, HAS_BIAS=w.bias is not None)
     return y
 
 
@@ -195,7 +297,7 @@ def _split_buffers(n: int, m: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     if _mb(m) > _SPLIT_MAX_MB:
         need_ws, tiles = 1, 1
     else:
-        split = max(c.kwargs["SPLIT_K"] for c in _CONFIGS)
+        split = max(c.kwargs["SPLIT_K"] for c in _CONFIGS + _NAT_CONFIGS)
         need_ws = triton.cdiv(n, 128) * 128 * triton.cdiv(m, 64) * 64 * split
         tiles = triton.cdiv(n, 16) * triton.cdiv(m, 16)
     ws, lock = _SCRATCH.get(device, (None, None))
