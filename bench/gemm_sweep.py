@@ -54,8 +54,8 @@ def sweep(m: int, k: int, n: int, failures: list[str]) -> list[dict]:
         ref = ((codes.float() - zx[:, None]) * sx[:, None]) @ deq.T
         out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
         grids = [("swap", c) for c in SWAP_GRID] + ([("nt", c) for c in NT_GRID] if wbits == 8 else [])
-        for variant, (b_first, b_second, bk, warps, stages) in [("autotuned swap", None), ("autotuned nt", None)] \
-                + grids:
+        tuned = [("autotuned swap", (None,) * 5), ("autotuned nt", (None,) * 5)]
+        for variant, (b_first, b_second, bk, warps, stages) in tuned + grids:
             if variant.startswith("autotuned"):
                 v = variant.split()[1]
 
