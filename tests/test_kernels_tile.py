@@ -327,6 +327,58 @@ def test_folded_shuffle_kernel_under_interpreter():
     run_under_interpreter(_FOLD_SCRIPT, "FOLD INTERPRETER OK", timeout=600)
 
 
+_GEGLU_SCRIPT = PREAMBLE + textwrap.dedent("""
+    import torch.nn.functional as F
+    from duquant.random_layers import random_activations, random_group
+    from duquant.kernels.triton_act import build_act_plan
+    from duquant.kernels.triton_act_shuffle import act_quant_shuffle
+    from duquant.kernels.triton_act_tile import act_quant_tile, can_fuse_geglu
+
+    k, bs = 256, 16
+    nb, g = k // bs, bs // (k // bs)
+    layer = random_group(k, [8], method="duquant", block_size=bs, seed=3)[0]
+    layer.transform.perm = torch.tensor([b * bs + j * g + e for j in range(nb) for b in range(nb) for e in range(g)])
+    plan = build_act_plan(layer.transform, k, "cpu")
+    assert can_fuse_geglu(plan, "ieee")
+    gate = random_activations(19, k, seed=1)
+    up = random_activations(19, k, seed=2)
+    h = F.gelu(gate, approximate="tanh") * up  # what the MLP would hand the down projection
+    for layout, sym, prefetch in (("natural", False, True), ("split", True, False)):
+        want = act_quant_shuffle(h, plan, symmetric=sym, clip=0.9, layout=layout, precision="ieee")
+        got = act_quant_shuffle(gate, plan, symmetric=sym, clip=0.9, layout=layout, precision="ieee", up=up,
+                                prefetch=prefetch, programs=3)
+        d = (got[0].int() - want[0].int()).abs()  # gelu's tanh in another form: a rare one-code tie flip
+        assert int(d.max()) <= 1 and float((d > 0).float().mean()) < 2e-3, (layout, int(d.max()))
+        assert torch.allclose(got[1], want[1], rtol=1e-5), layout
+        # the tile kernel's default call passes the up projection on to the folded kernel
+        via_tile = act_quant_tile(gate, plan, symmetric=sym, clip=0.9, layout=layout, precision="ieee", up=up)
+        assert torch.equal(via_tile[0], act_quant_shuffle(gate, plan, symmetric=sym, clip=0.9, layout=layout,
+                                                          precision="ieee", up=up)[0]), layout
+    # a permutation the folded kernel cannot run: the fusion is refused by name, not computed another way
+    zig = build_act_plan(random_group(k, [8], method="duquant", block_size=bs, seed=4)[0].transform, k, "cpu")
+    assert not can_fuse_geglu(zig, "ieee")
+    try:
+        act_quant_tile(gate, zig, precision="ieee", up=up)
+    except ValueError as err:
+        assert "folded kernel" in str(err)
+    else:
+        raise AssertionError("a zigzag plan took a GeGLU input")
+    try:
+        act_quant_shuffle(gate, plan, up=up[:, :128])
+    except ValueError as err:
+        assert "must match" in str(err)
+    else:
+        raise AssertionError("a mismatched up projection ran")
+    print("GEGLU INTERPRETER OK")
+""")
+
+
+def test_folded_kernel_geglu_prologue_under_interpreter():
+    """The folded kernel computes gelu_tanh(gate) * up itself (producer fusion for the down projection) and
+    gives the codes of that product; refused for plans the folded kernel does not run."""
+    run_under_interpreter(_GEGLU_SCRIPT, "GEGLU INTERPRETER OK", timeout=600)
+
+
 def test_folded_shuffle_kernel_compiles_for_sm90_without_spills():
     """The folded kernel's default steps for pi0's shuffle widths compile for sm_90 on the CPU within registers
     and shared memory (two programs per multiprocessor at K = 2048)."""
@@ -339,6 +391,9 @@ def test_folded_shuffle_kernel_compiles_for_sm90_without_spills():
         for split in (False, True):
             rep = shuffle_kernel_report(br, k // 128, warps, stages=stages, split=split)
             assert rep["spill_bytes"] == 0 and rep["registers"] <= 255, (m, k, rep)
+            if k == 16384:  # the down projection's input: also with the GeGLU prologue (two tiles in flight)
+                rep = shuffle_kernel_report(br, k // 128, warps, stages=stages, split=split, GEGLU=True)
+                assert rep["spill_bytes"] == 0 and rep["registers"] <= 255, (m, k, "geglu", rep)
             assert rep["shared_bytes"] <= 227 * 1024 // (2 if k == 2048 else 1), (m, k, rep)
 
 

@@ -11,6 +11,8 @@ and zero points, the layer's transform) and runs one of two backends, both chose
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,6 +53,8 @@ class DuQuantLinear(nn.Module):
         self.backend = backend
         self._weight_cache: dict[tuple, torch.Tensor] = {}
         self._gpu_state = None
+        # set by prepare_gpu_group: a GeGLU MLP may hand this layer its gate and up (forward_gelu_tanh_mul)
+        self.fuses_gelu_tanh_mul = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, format: str, *, transform: LayerTransform | None = None,
@@ -146,11 +150,23 @@ class DuQuantLinear(nn.Module):
 
     def prepare_gpu_group(self, layers: list, share_storage: bool = True) -> list:
         """Kernel states of `layers` (this one among them, same group key), stored as each ``_gpu_state``. Raises
-        ``kernels.GpuBackendError`` naming why when the format's kernels cannot run here."""
+        ``kernels.GpuBackendError`` naming why when the format's kernels cannot run here. With
+        ``DUQUANT_FUSE_GEGLU=1`` a layer whose activation kernel can compute a GeGLU product itself says so
+        (``fuses_gelu_tanh_mul``)."""
         states = self.fmt.gpu_prepare(list(layers), share_storage=share_storage)
+        fuse = os.environ.get("DUQUANT_FUSE_GEGLU", "0") == "1"
         for layer, st in zip(layers, states):
             layer._gpu_state = st
+            layer.fuses_gelu_tanh_mul = fuse and bool(getattr(getattr(st, "group", None), "can_fuse_geglu", False))
         return states
+
+    def forward_gelu_tanh_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``self(gelu(gate, approximate="tanh") * up)``, a GeGLU MLP's down projection. When the gpu kernels can
+        (``fuses_gelu_tanh_mul``), the product is computed inside the activation kernel and never written: one
+        [tokens, mlp width] tensor less to write and read back (producer fusion, issue 12)."""
+        if self.fuses_gelu_tanh_mul and self.backend == "gpu" and self._gpu_state is not None:
+            return self.fmt.gpu_forward_geglu(self._gpu_state, gate, up)
+        return self(F.gelu(gate, approximate="tanh") * up)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "

@@ -92,6 +92,14 @@ class Format:
         run here."""
         raise self.gpu_error(layers[0], "no gpu backend for this format")
 
+    def gpu_forward_geglu(self, state, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """gpu_forward of gelu_tanh(gate) * up: inside the activation kernel where the layer's group can
+        (``can_fuse_geglu``), else the product first."""
+        group = getattr(state, "group", None)
+        if getattr(group, "can_fuse_geglu", False):
+            return group.output_geglu(gate, up)
+        return self.gpu_forward(state, F.gelu(gate, approximate="tanh") * up)
+
     def gpu_forward(self, state, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

@@ -96,14 +96,21 @@ class Fp8Group(SharedInputGroup):
         self.precision = os.environ.get("DUQUANT_ACT_PRECISION") or "fp16"
         self._cache = None
 
+    @property
+    def can_fuse_geglu(self) -> bool:
+        from duquant.kernels.triton_act_tile import can_fuse_geglu
+
+        return len(self.layers) == 1 and can_fuse_geglu(self.plan, self.precision)
+
     def num_bytes(self) -> int:
         b = self.weight_t.numel() + self.scale_w.numel() * 4 + self.plan.num_bytes()
         return b + (0 if self.bias is None else self.bias.numel() * 2)
 
-    def forward_all(self, x2: torch.Tensor) -> list[torch.Tensor]:
+    def forward_all(self, x2: torch.Tensor, up2: torch.Tensor | None = None) -> list[torch.Tensor]:
         from duquant.kernels.triton_act_tile import act_quant_tile
 
-        codes, sx, _, _ = act_quant_tile(x2, self.plan, clip=self.clip, fp8=True, precision=self.precision)
+        codes, sx, _, _ = act_quant_tile(x2, self.plan, clip=self.clip, fp8=True, precision=self.precision,
+                                         up=up2)
         y = torch._scaled_mm(codes, self.weight_t, scale_a=sx.reshape(-1, 1), scale_b=self.scale_w,
                              out_dtype=torch.bfloat16, use_fast_accum=True)
         if self.bias is not None:

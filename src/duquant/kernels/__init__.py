@@ -168,9 +168,19 @@ class SharedInputGroup:
     layers: list
     in_features: int
     _cache = None
+    can_fuse_geglu = False  # whether forward_all takes a GeGLU gate and up in place of the input (output_geglu)
 
-    def forward_all(self, x2: torch.Tensor) -> list[torch.Tensor]:
+    def forward_all(self, x2: torch.Tensor, up2: torch.Tensor | None = None) -> list[torch.Tensor]:
         raise NotImplementedError
+
+    def output_geglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """The output of a one-member group (a GeGLU MLP's down projection) for the input gelu_tanh(gate) * up,
+        that product computed inside the activation kernel: it is never written to memory."""
+        if not self.can_fuse_geglu or len(self.layers) != 1:
+            raise GpuBackendError("this group's activation kernel cannot take a GeGLU gate and up "
+                                  "(one-member groups with a folded-kernel plan: permute=shuffle)")
+        y = self.forward_all(gate.reshape(-1, self.in_features), up.reshape(-1, self.in_features))[0]
+        return y.reshape(*gate.shape[:-1], y.shape[-1])
 
     def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """Member `index`'s output for x; the first member asked computes all of them for this x."""
@@ -200,7 +210,7 @@ class GpuLinearGroup(SharedInputGroup):
 
     def __post_init__(self):
         from duquant.kernels.triton_act import build_act_plan
-        from duquant.kernels.triton_act_tile import cannot_run
+        from duquant.kernels.triton_act_tile import can_fuse_geglu, cannot_run
 
         first = self.layers[0]
         for layer in self.layers:
@@ -218,6 +228,7 @@ class GpuLinearGroup(SharedInputGroup):
         # What the tile kernel cannot run (float32 rotations of a partial last block, K = 4304: shared memory)
         # goes to the fused kernel.
         self.use_tile = self.act_impl == "tile" and cannot_run(self.plan, self.precision) is None
+        self.can_fuse_geglu = len(self.layers) == 1 and self.use_tile and can_fuse_geglu(self.plan, self.precision)
         self.out_total = sum(la.out_features for la in self.layers)
         # fuse members with the same weight format
         sets: dict[tuple, list[int]] = {}
@@ -231,7 +242,7 @@ class GpuLinearGroup(SharedInputGroup):
     def resident_bytes(self) -> int:
         return sum(w.num_bytes() for _, w in self.gemms) + self.plan.num_bytes()
 
-    def forward_all(self, x2: torch.Tensor) -> list[torch.Tensor]:
+    def forward_all(self, x2: torch.Tensor, up2: torch.Tensor | None = None) -> list[torch.Tensor]:
         from duquant.kernels.triton_gemm import int_gemm
 
         outs: list = [None] * len(self.layers)
@@ -239,19 +250,21 @@ class GpuLinearGroup(SharedInputGroup):
         for idx, w in self.gemms:
             layout = w.act_layout
             if layout not in acts:
-                acts[layout] = self._act(x2, layout)
+                acts[layout] = self._act(x2, layout, up2)
             codes, sx, zx, rs = acts[layout]
             ys = int_gemm(codes, sx, zx, rs, w, out_dtype=x2.dtype, variant=self.variant)
             for i, y in zip(idx, ys):
                 outs[i] = y
         return outs
 
-    def _act(self, x2: torch.Tensor, layout: str):
+    def _act(self, x2: torch.Tensor, layout: str, up2: torch.Tensor | None = None):
         if self.use_tile:
             from duquant.kernels.triton_act_tile import act_quant_tile
 
             return act_quant_tile(x2, self.plan, symmetric=self.symmetric, clip=self.clip, layout=layout,
-                                  precision=self.precision)
+                                  precision=self.precision, up=up2)
+        if up2 is not None:
+            raise GpuBackendError("the GeGLU input fusion needs the tile / folded activation kernel")
         from duquant.kernels.triton_act import act_quant
 
         impl = "fused" if self.act_impl == "tile" else self.act_impl

@@ -103,10 +103,11 @@ def shuffle_kernel_report(block_tokens: int, nb: int, num_warps: int, precision:
     op = {0: "fp32", 1: "fp32", 2: "bf16", 3: "fp16"}[dot]
     sig = {"x_ptr": "*bf16", "stride_xm": "i32", "M": "i32", "n_steps": "i32", "inv_s_ptr": "*fp32",
            "r1_ptr": f"*{op}", "r2_ptr": f"*{op}", "codes_ptr": "*fp8e4nv" if fp8 else "*i8", "stride_cm": "i32",
-           "scale_ptr": "*fp32", "zero_ptr": "*fp32", "rowsum_ptr": "*i32", "clip": "fp32"}
+           "scale_ptr": "*fp32", "zero_ptr": "*fp32", "rowsum_ptr": "*i32", "clip": "fp32", "u_ptr": "*bf16",
+           "stride_um": "i32"}
     cons = dict(BR=block_tokens, NB=nb, BS=128, G=128 // nb, HAS_SMOOTH=True, SYMMETRIC=False, DOT=dot,
                 EXACT_DIV=precision in ("ieee", "tf32"), USE_LIBDEVICE=True, SPLIT=split, FP8=fp8, ROUND_E4M3=False,
-                STAGES=stages, PREFETCH=True)  # the host's defaults
+                STAGES=stages, PREFETCH=True, GEGLU=False)  # the host's defaults
     cons.update(flags)
     return compile_report(_shuffle_act_kernel, sig, cons, num_warps=num_warps, arch=arch)
 

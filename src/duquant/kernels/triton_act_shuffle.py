@@ -58,16 +58,30 @@ def _fold_shuffle(y, BR: tl.constexpr, NB: tl.constexpr, G: tl.constexpr, BS: tl
 
 
 @triton.jit
+def _gelu_tanh_mul(g, u, OUT_DTYPE: tl.constexpr):
+    """gelu(g, approximate="tanh") * u in float32, rounded once to the model's dtype, as the compiled float path
+    stores the down projection's input (tanh(z) = 1 - 2 / (exp(2z) + 1): no libdevice needed, also under the
+    interpreter)."""
+    g = g.to(tl.float32)
+    z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+    t = 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
+    return (0.5 * g * (1.0 + t) * u.to(tl.float32)).to(OUT_DTYPE).to(tl.float32)
+
+
+@triton.jit
 def _shuffle_act_kernel(
     x_ptr, stride_xm, M, n_steps,
     inv_s_ptr, r1_ptr, r2_ptr,
     codes_ptr, stride_cm, scale_ptr, zero_ptr, rowsum_ptr,
-    clip,
+    clip, u_ptr, stride_um,
     BR: tl.constexpr, NB: tl.constexpr, BS: tl.constexpr, G: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, SYMMETRIC: tl.constexpr, DOT: tl.constexpr, EXACT_DIV: tl.constexpr,
     USE_LIBDEVICE: tl.constexpr, SPLIT: tl.constexpr, FP8: tl.constexpr, ROUND_E4M3: tl.constexpr,
-    STAGES: tl.constexpr, PREFETCH: tl.constexpr,
+    STAGES: tl.constexpr, PREFETCH: tl.constexpr, GEGLU: tl.constexpr,
 ):
+    """GEGLU: x is the gate and ``u_ptr`` the up projection's output; the transformed input is their
+    gelu-tanh product (``_gelu_tanh_mul``), computed here instead of in a kernel of its own (producer fusion
+    for the down projection: its input is never written to memory)."""
     R: tl.constexpr = BR * NB
     K: tl.constexpr = NB * BS
     PRESCALE: tl.constexpr = DOT == 3
@@ -75,6 +89,8 @@ def _shuffle_act_kernel(
     nprog = tl.num_programs(0)
     if PREFETCH:  # this program's first x tile is in flight while the matrices are staged (ncu: two latencies)
         x_next = _load_tile(x_ptr, stride_xm, M, K, pid, BR, NB, BS, True)
+        if GEGLU:
+            u_next = _load_tile(u_ptr, stride_um, M, K, pid, BR, NB, BS, True)
     kk = tl.arange(0, BS)
     r1 = tl.load(r1_ptr + kk[:, None] * BS + kk[None, :])
     r2 = tl.load(r2_ptr + kk[:, None] * BS + kk[None, :])
@@ -88,11 +104,19 @@ def _shuffle_act_kernel(
         tok = step * BR + tok_in
         tmask = tok < M
         if PREFETCH:  # the next step's tile loads while this one computes (masked off past the last step)
-            x = x_next.to(tl.float32)
+            if GEGLU:
+                x = _gelu_tanh_mul(x_next, u_next, x_next.dtype)
+                u_next = _load_tile(u_ptr, stride_um, M, K, step + nprog, BR, NB, BS, True)
+            else:
+                x = x_next.to(tl.float32)
             x_next = _load_tile(x_ptr, stride_xm, M, K, step + nprog, BR, NB, BS, True)
         else:
-            x = tl.load(x_ptr + tok[:, None].to(tl.int64) * stride_xm + chan, mask=tmask[:, None],
-                        other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + tok[:, None].to(tl.int64) * stride_xm + chan, mask=tmask[:, None], other=0.0)
+            if GEGLU:
+                u = tl.load(u_ptr + tok[:, None].to(tl.int64) * stride_um + chan, mask=tmask[:, None], other=0.0)
+                x = _gelu_tanh_mul(x, u, x.dtype)
+            else:
+                x = x.to(tl.float32)
         if HAS_SMOOTH:
             x = x * tl.load(inv_s_ptr + chan)
         if PRESCALE:  # power of two per token: exact, keeps fp16 operands in range (triton_act_tile)
@@ -179,7 +203,7 @@ def act_quant_shuffle(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False
                       layout: str = "natural", precision: str = "fp16", exact_div: bool | None = None,
                       block_tokens: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                       programs: int | None = None, fp8: bool = False, prefetch: bool | None = None,
-                      out: tuple | None = None):
+                      out: tuple | None = None, up: torch.Tensor | None = None):
     """``triton_act_tile.act_quant_tile``'s contract for a shuffle-permutation plan (``cannot_run`` says when
     not): x [M, K] -> (codes, scale, zero | None, rowsum | None).
 
@@ -187,12 +211,20 @@ def act_quant_shuffle(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False
     rotations the values being divided already carry the operands' rounding (codes within 2 of the spec's on a
     few %), and x * (1/s) adds at most an ulp before rounding, which moves a code only when the value sits within
     that ulp of a half-integer; it saves 15 % (H100, BENCHMARKS.md §4). ``prefetch`` (default on): the first x
-    tile is requested before the matrices are staged and the next one before each step computes."""
+    tile is requested before the matrices are staged and the next one before each step computes. ``up``: x is
+    the gate and ``up`` the up projection's output of a GeGLU MLP; the kernel transforms gelu_tanh(x) * up
+    (rounded once to x's dtype, as the compiled float path stores it) without that product ever being written."""
     why = cannot_run(plan, precision)
     if why:
         raise ValueError(why)
     if x.stride(-1) != 1:
         x = x.contiguous()
+    if up is not None:
+        if up.shape != x.shape or up.dtype != x.dtype:
+            raise ValueError(f"GeGLU input: up {tuple(up.shape)} {up.dtype} must match the gate "
+                             f"{tuple(x.shape)} {x.dtype}")
+        if up.stride(-1) != 1:
+            up = up.contiguous()
     m, k = x.shape
     if k != plan.K:
         raise ValueError(f"activation kernel built for K={plan.K}, got input with {k} channels")
@@ -225,12 +257,12 @@ def act_quant_shuffle(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False
     _shuffle_act_kernel[(nprog,)](
         x, x.stride(0), m, n_steps, inv_s, r1, r2,
         codes, codes.stride(0), scale, zero if zero is not None else scale, rowsum if rowsum is not None else scale,
-        float(clip),
+        float(clip), up if up is not None else x, (up if up is not None else x).stride(0),
         BR=br, NB=nb, BS=bs, G=bs // nb, HAS_SMOOTH=plan.inv_smooth is not None, SYMMETRIC=bool(symmetric),
         DOT=PRECISIONS[precision],
         EXACT_DIV=bool(precision in ("ieee", "tf32") if exact_div is None else exact_div),
         USE_LIBDEVICE=not _INTERPRET and libdevice is not None,
         SPLIT=layout == "split", FP8=bool(fp8), ROUND_E4M3=_INTERPRET, STAGES=stages,
-        PREFETCH=bool(True if prefetch is None else prefetch), num_warps=warps,
+        PREFETCH=bool(True if prefetch is None else prefetch), GEGLU=up is not None, num_warps=warps,
     )
     return codes, scale, zero, rowsum

@@ -477,7 +477,7 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
                    layout: str = "natural", precision: str = "fp16", exact_div: bool | None = None,
                    block_tokens: int | None = None, num_warps: int | None = None, perm_mode: str | int | None = None,
                    programs: int | None = None, hoist: bool = True, fp8: bool = False, chunk_rows: int | None = None,
-                   prefetch: bool = False, out: tuple | None = None):
+                   prefetch: bool = False, out: tuple | None = None, up: torch.Tensor | None = None):
     """Same contract as ``triton_act.act_quant``: x [M, K] -> (codes int8 [M, Kc], scale f32 [M], zero f32 [M] |
     None, rowsum int32 [M]). ``out`` = preallocated (codes, scale, zero, rowsum) to write into (CUDA graphs,
     poisoned-output checks). ``programs``: persistent grid size (default 2 per multiprocessor); each program
@@ -488,16 +488,22 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
     ``exact_div``: IEEE division for the codes (None, the default: IEEE here, and a shuffle plan's folded kernel
     keeps its own default). ``prefetch`` (one-tile kernel): request the first x tile before the matrices load and
     each next one before the current one computes (the folded kernel's measured gain, BENCHMARKS.md §4); off by
-    default here until the H100 sweep of this kernel (bench/act_transform.py) has measured it."""
+    default here until the H100 sweep of this kernel (bench/act_transform.py) has measured it. ``up``: x is a
+    GeGLU gate and ``up`` its up projection; the transformed input is gelu_tanh(x) * up, fused into the folded
+    kernel (``can_fuse_geglu`` says when that kernel runs this plan)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} not in {list(PRECISIONS)}")
-    if (block_tokens is None and num_warps is None and perm_mode is None and chunk_rows is None and hoist
-            and programs is None and not prefetch and _fold_default(plan, precision)):
+    default_launch = (block_tokens is None and num_warps is None and perm_mode is None and chunk_rows is None
+                      and hoist and programs is None and not prefetch)
+    if default_launch and _fold_default(plan, precision):
         from duquant.kernels.triton_act_shuffle import act_quant_shuffle
 
         # exact_div None: its own default (IEEE for float32 rotations, x * (1/s) for fp16 / bf16 ones)
         return act_quant_shuffle(x, plan, symmetric=symmetric, clip=clip, layout=layout, precision=precision,
-                                 exact_div=exact_div, fp8=fp8, out=out)
+                                 exact_div=exact_div, fp8=fp8, out=out, up=up)
+    if up is not None:
+        raise ValueError("the GeGLU input fusion runs in the folded kernel only (permute=shuffle, default launch, "
+                         "DUQUANT_ACT_FOLD not 0)")
     exact_div = True if exact_div is None else exact_div  # this kernel's default: IEEE division
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -578,6 +584,12 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
         num_warps=warps, **flags,
     )
     return codes, scale, zero, rowsum
+
+
+def can_fuse_geglu(plan: ActPlan, precision: str) -> bool:
+    """Whether ``act_quant_tile(gate, plan, up=up)`` can take a GeGLU MLP's gate and up outputs in place of the
+    down projection's input (the folded kernel's GEGLU prologue)."""
+    return _fold_default(plan, precision)
 
 
 def _fold_default(plan: ActPlan, precision: str) -> bool:

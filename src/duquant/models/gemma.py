@@ -139,6 +139,8 @@ class GemmaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = fused_linear(x, self.gate_up_weight, (self.gate_proj, self.up_proj))
+        if getattr(self.down_proj, "fuses_gelu_tanh_mul", False):  # a quantized down projection whose activation
+            return self.down_proj.forward_gelu_tanh_mul(gate, up)  # kernel computes the product itself
         return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 

@@ -24,9 +24,14 @@ def compile_blocks(model: nn.Module, mode: str | None = None) -> int:
     # One compiled graph per (block kind, shapes) serves all 18-27 layers; leave room for the few distinct shapes.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for module in model.modules():
-        if _is_quantized(module) and not getattr(module.forward, "_duquant_not_traced", False):
-            module.forward = torch.compiler.disable(module.forward)
-            module.forward._duquant_not_traced = True
+        if not _is_quantized(module):
+            continue
+        for name in ("forward", "forward_gelu_tanh_mul"):  # the second: a GeGLU MLP's fused down projection
+            fn = getattr(module, name, None)
+            if fn is not None and not getattr(fn, "_duquant_not_traced", False):
+                fn = torch.compiler.disable(fn)
+                fn._duquant_not_traced = True
+                setattr(module, name, fn)
     blocks = [m for m in model.modules() if isinstance(m, BLOCK_TYPES)]
     for block in blocks:
         block.forward = torch.compile(block.forward, mode=mode, dynamic=False)
