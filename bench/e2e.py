@@ -46,6 +46,14 @@ VARIANTS = {
     "w8a8-fp8 llm w4a16 expert fast": (("llm",), "w8a8-fp8", True, ("expert",)),
 }
 SHUFFLE = " shuffle"  # suffix of a quantized variant: permute=shuffle, not zigzag ("w4a8 llm fast shuffle")
+GEGLU = " geglu"  # after it: DUQUANT_FUSE_GEGLU=1, the MLP product inside the down projection's activation kernel
+
+
+def split_variant(v: str) -> tuple[str, bool, bool]:
+    """'w4a8 llm fast shuffle geglu' -> ('w4a8 llm fast', shuffle, geglu)."""
+    geglu = v.endswith(GEGLU)
+    v = v.removesuffix(GEGLU)
+    return v.removesuffix(SHUFFLE), v.endswith(SHUFFLE), geglu
 TOLERANCE = {"bf16": 0.05, "quant": 0.5}  # relative L2 error of actions vs the plain eager model (see docs/gpu.md)
 
 
@@ -72,8 +80,10 @@ def run(models, batches, variants, iters: int, out: Path) -> int:
             with torch.no_grad():
                 inputs[batch] = (obs, noise, base.sample_actions(obs, noise=noise))
         for vname in variants:  # one model per variant (quantized and compiled once), captured per batch size
-            permute = "shuffle" if vname.endswith(SHUFFLE) else "zigzag"
-            parts, wbits, fast, weight_only = VARIANTS[vname.removesuffix(SHUFFLE)]
+            base_name, shuffle, geglu = split_variant(vname)
+            permute = "shuffle" if shuffle else "zigzag"
+            parts, wbits, fast, weight_only = VARIANTS[base_name]
+            os.environ["DUQUANT_FUSE_GEGLU"] = "1" if geglu else "0"  # read when the layers are prepared
             model = copy.deepcopy(base) if (parts or fast or weight_only) else base
             t0 = time.perf_counter()
             if parts or weight_only:
@@ -151,12 +161,14 @@ def main() -> int:
     p.add_argument("--models", default="pi0")
     p.add_argument("--batches", default="1")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}; "
-                   f"a quantized one may end in '{SHUFFLE}' (permute=shuffle)")
+                   f"a quantized one may end in '{SHUFFLE}' (permute=shuffle), then '{GEGLU}' "
+                   f"(DUQUANT_FUSE_GEGLU=1)")
     p.add_argument("--iters", type=int, default=20)
     a = p.parse_args()
     variants = [v.strip() for v in a.variants.split(",")]
-    unknown = [v for v in variants if v.removesuffix(SHUFFLE) not in VARIANTS
-               or (v.endswith(SHUFFLE) and not VARIANTS[v.removesuffix(SHUFFLE)][0])]
+    unknown = [v for v in variants if split_variant(v)[0] not in VARIANTS
+               or ((split_variant(v)[1] or split_variant(v)[2]) and not VARIANTS[split_variant(v)[0]][0])
+               or (split_variant(v)[2] and not split_variant(v)[1])]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     return run(a.models.split(","), [int(b) for b in a.batches.split(",")], variants, a.iters, Path(a.out))
