@@ -78,8 +78,9 @@ _INTERP_SCRIPT = PREAMBLE + textwrap.dedent("""
     from duquant.kernels import reference
     from duquant.random_layers import random_group, random_activations
     from duquant.kernels.triton_act import act_quant, build_act_plan
-    from duquant.kernels.triton_gemm import int_gemm
+    from duquant.kernels.triton_gemm import int_gemm, tma_cannot_run
     from duquant.kernels import _gemm_weight
+    tma_ran = 0
     for (k, outs, wbits, wsym, gs, asym, method, bs) in [
             (96, [32, 16], 4, False, None, False, "duquant", 32), (80, [16], 8, False, None, True, "duquant", 32),
             (128, [16, 16, 16], 8, True, 64, False, "hadamard", 64), (70, [24], 4, True, None, False, "rtn", 16),
@@ -98,18 +99,38 @@ _INTERP_SCRIPT = PREAMBLE + textwrap.dedent("""
         assert torch.allclose(sx, rsx, rtol=1e-5)
         assert torch.equal(rs, reference.code_row_sums(codes))
         nat = act_quant(x, plan, symmetric=asym, clip=0.9, layout="natural", precision="ieee")[0]
-        for variant in ("nt", "swap"):
+        for variant in ("nt", "swap", "swap-tma"):
+            if variant == "swap-tma" and tma_cannot_run(codes, w):
+                continue  # group scales, or rows that are not 16-byte multiples (K = 70 in int4: 35 bytes)
+            tma_ran += variant == "swap-tma"
             ys = int_gemm(codes, sx, zx, rs, w, out_dtype=torch.float32, variant=variant)
             for layer, y in zip(layers, ys):
                 ref = reference.int_gemm(nat, sx, zx, reference.int_weight_from_layer(layer), layer.bias)
                 err = float((y - ref).abs().max() / ref.abs().max())
                 assert err < 1e-5, (k, variant, err)
+    assert tma_ran == 2, tma_ran  # int4 (K = 96, two fused outputs) and uint8 (K = 80) through TMA descriptors
     print("INTERPRETER OK")
 """)
 
 
 def test_triton_kernels_under_interpreter():
     run_under_interpreter(_INTERP_SCRIPT, "INTERPRETER OK", timeout=600)
+
+
+def test_tma_gemm_compiles_for_sm90_with_pipelined_tma_loads():
+    """The TMA variant's autotune configurations compile for sm_90 on the CPU without spills, and the software
+    pipeline keeps several TMA copies in flight (prologue + loop) for each operand."""
+    pytest.importorskip("triton")
+    from duquant.kernels.aot import tma_gemm_report
+    from duquant.kernels.triton_gemm import _TMA_CONFIGS, W_INT4, W_INT8
+
+    for c in _TMA_CONFIGS:
+        kw = c.kwargs
+        for kind in (W_INT4, W_INT8):
+            rep = tma_gemm_report(kw["BM"], kw["BN"], kw["BK"], c.num_warps, c.num_stages, w_kind=kind)
+            assert rep["spill_bytes"] == 0 and rep["registers"] <= 255, (kw, kind, rep)
+            loads = 3 if kind == W_INT4 else 2  # int4: weights + both halves of x
+            assert rep["tma_copies"] >= loads * c.num_stages and rep["wgmma"] >= 1, (kw, kind, rep)
 
 
 # ---- GPU ----------------------------------------------------------------------------------------------------------
@@ -153,7 +174,7 @@ GEMM_CASES = [(4, False, None), (4, True, None), (8, False, None), (8, True, Non
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("wbits,w_sym,gs", GEMM_CASES)
-@pytest.mark.parametrize("variant", ["nt", "swap"])
+@pytest.mark.parametrize("variant", ["nt", "swap", "swap-tma"])
 @pytest.mark.parametrize("m,k,outs", [(816, 2048, [2048, 256, 256]), (51, 4096, [1024]), (768, 4304, [1152]),
                                       (33, 1152, [1152, 1152, 1152])])
 def test_gpu_gemm_matches_reference(wbits, w_sym, gs, variant, m, k, outs):
@@ -161,7 +182,7 @@ def test_gpu_gemm_matches_reference(wbits, w_sym, gs, variant, m, k, outs):
     (|y - ref| <= 2^-8 |ref| + 1e-5 max|ref|)."""
     from duquant.kernels import _gemm_weight
     from duquant.kernels.triton_act import act_quant, build_act_plan
-    from duquant.kernels.triton_gemm import int_gemm
+    from duquant.kernels.triton_gemm import int_gemm, tma_cannot_run
 
     layers = [la.cuda() for la in random_group(k, outs, wbits=wbits, w_symmetric=w_sym, group_size=gs, seed=k,
                                                steps=2)]
@@ -170,6 +191,8 @@ def test_gpu_gemm_matches_reference(wbits, w_sym, gs, variant, m, k, outs):
     plan = build_act_plan(layers[0].transform, k, "cuda")
     codes, sx, zx, rs = act_quant(x, plan, clip=0.9, layout="natural")
     cg, *_ = act_quant(x, plan, clip=0.9, layout=w.act_layout)
+    if variant == "swap-tma" and tma_cannot_run(cg, w):
+        pytest.skip(tma_cannot_run(cg, w))
     ys = int_gemm(cg, sx, zx, rs, w, out_dtype=torch.bfloat16, variant=variant)
     for layer, y in zip(layers, ys):
         ref = reference.int_gemm(codes.cpu(), sx.cpu(), zx.cpu(), reference.int_weight_from_layer(layer.cpu()),

@@ -50,6 +50,7 @@ def compile_report(fn, signature: dict, constexprs: dict, num_warps: int = 4, ar
     return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": int(spill.group(1)) if spill else 0,
             "shared_bytes": int(kernel.metadata.shared), "convert_layouts": kernel.asm["ttgir"].count(
                 "ttg.convert_layout"), "async_copies": kernel.asm["ttgir"].count("ttg.async_copy_global_to_local"),
+            "tma_copies": kernel.asm["ttgir"].count("ttng.async_tma_copy_global_to_local"),
             "wgmma": kernel.asm["ttgir"].count("ttng.warp_group_dot ")}
 
 
@@ -128,3 +129,21 @@ def w4a16_kernel_report(impl: str = "natural", bn: int = 64, bm: int = 64, bk: i
         fn, cons = w4._w4a16_kernel.fn, dict(GS=group_size, HAS_BIAS=False, BN=bn, BM=bm, KS=bk, SPLIT_K=split_k)
     div = tuple(k for k, v in sig.items() if v.startswith("*") or k.startswith("stride")) + ("K", "KH", "N", "MB")
     return compile_report(fn, sig, cons, num_warps=num_warps, arch=arch, num_stages=num_stages, divisible=div)
+
+
+def tma_gemm_report(bm: int, bn: int, bk: int, num_warps: int, num_stages: int, w_kind: int = 2,
+                    arch: int = 90) -> dict:
+    """compile_report of ``triton_gemm._gemm_swap_tma_kernel`` (weights as the MMA's A operand, both operands
+    through TMA descriptors) at one launch configuration; ``w_kind`` 2 = packed int4, 0 = int8, 1 = uint8."""
+    from duquant.kernels import triton_gemm as g
+
+    bkd = bk // 2 if w_kind == g.W_INT4 else bk
+    wty = "i8" if w_kind == g.W_INT8 else "u8"
+    sig = {"x_desc": f"tensordesc<i8[{bm}, {bkd}]>", "w_desc": f"tensordesc<{wty}[{bn}, {bkd}]>", "M": "i32",
+           "N": "i32", "K": "i32", "KH": "i32", "sx_ptr": "*fp32", "zx_ptr": "*fp32", "rs_ptr": "*i32",
+           "sw_ptr": "*fp32", "zw_ptr": "*i32", "cw_ptr": "*fp32", "bias_ptr": "*fp32", "o0": "*bf16", "o1": "*bf16",
+           "o2": "*bf16", "n1": "i32", "n2": "i32", "so0": "i32", "so1": "i32", "so2": "i32", "MB": "i32"}
+    cons = dict(W_KIND=w_kind, ASYM_X=True, HAS_BIAS=False, NUM_OUT=1, USE_ASM=True, BM=bm, BN=bn, BK=bk, GROUP_M=8)
+    div = tuple(k for k, v in sig.items() if v.startswith("*")) + ("N", "K", "KH", "so0", "so1", "so2")
+    return compile_report(g._gemm_swap_tma_kernel.fn, sig, cons, num_warps=num_warps, arch=arch,
+                          num_stages=num_stages, divisible=div)

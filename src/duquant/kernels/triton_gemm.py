@@ -269,6 +269,64 @@ def _gemm_swap_kernel(
               o0, o1, o2, n1, n2, so0, so1, so2, ASYM_X, HAS_BIAS, NUM_OUT, GROUPED)
 
 
+_TMA_CONFIGS = [
+    _cfg(128, 128, 128, 8, 3), _cfg(128, 128, 256, 8, 3), _cfg(64, 128, 128, 4, 4), _cfg(128, 256, 128, 8, 3),
+    _cfg(64, 256, 128, 8, 3), _cfg(128, 128, 128, 4, 4),
+]
+if os.environ.get("DUQUANT_GEMM_QUICK") == "1" or os.environ.get("TRITON_INTERPRET") == "1":
+    _TMA_CONFIGS = [_cfg(16, 16, 64, 4, 2)]
+
+
+def _tma_block_shapes(nargs):
+    """Autotune pre-hook: the descriptors' tiles follow the configuration (x: [BM, BK'], w: [BN, BK'], with BK'
+    = BK // 2 for packed int4 weights: bytes of a row and codes of one half of x)."""
+    bk = nargs["BK"] // 2 if nargs["W_KIND"] == W_INT4 else nargs["BK"]
+    nargs["x_desc"].block_shape = [nargs["BM"], bk]
+    nargs["w_desc"].block_shape = [nargs["BN"], bk]
+
+
+for _c in _TMA_CONFIGS:
+    _c.pre_hook = _tma_block_shapes
+
+
+@triton.autotune(configs=_TMA_CONFIGS, key=["MB", "N", "K", "W_KIND"], do_bench=_bench_graph)
+@triton.jit
+def _gemm_swap_tma_kernel(
+    x_desc, w_desc, M, N, K, KH,
+    sx_ptr, zx_ptr, rs_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr,
+    o0, o1, o2, n1, n2, so0, so1, so2, MB,
+    W_KIND: tl.constexpr, ASYM_X: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_OUT: tl.constexpr,
+    USE_ASM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``_gemm_swap_kernel`` (per-channel weights) with both operands fetched by the Hopper tensor memory
+    accelerator: one descriptor load per tile instead of per-thread addresses and masks, zero fill past the
+    edges. Packed int4: bytes past KH read as 0, so the low half of x may run into the high half's columns (its
+    product with a zero code is 0), and the zero point stays in the epilogue as in the other kernels."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    pid_m = pid % num_m
+    pid_n = pid // num_m
+    acc = tl.zeros((BN, BM), dtype=tl.int32)
+    if W_KIND == 2:
+        BKH: tl.constexpr = BK // 2
+        for it in range(0, tl.cdiv(KH, BKH)):
+            p = w_desc.load([pid_n * BN, it * BKH])
+            x_lo = x_desc.load([pid_m * BM, it * BKH])
+            x_hi = x_desc.load([pid_m * BM, KH + it * BKH])
+            acc = tl.dot(_nibble_lo(p, USE_ASM), tl.trans(x_lo), acc, out_dtype=tl.int32)
+            acc = tl.dot(_nibble_hi(p, USE_ASM), tl.trans(x_hi), acc, out_dtype=tl.int32)
+    else:
+        for it in range(0, tl.cdiv(K, BK)):
+            w = w_desc.load([pid_n * BN, it * BK])
+            if W_KIND == 1:
+                w = _u8_to_s8(w, USE_ASM)
+            acc = tl.dot(w, tl.trans(x_desc.load([pid_m * BM, it * BK])), acc, out_dtype=tl.int32)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    _epilogue(tl.trans(acc), offs_m, offs_n, M, N, sx_ptr, zx_ptr, rs_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr,
+              o0, o1, o2, n1, n2, so0, so1, so2, ASYM_X, HAS_BIAS, NUM_OUT, False)
+
+
 # ---- host side ----------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -337,16 +395,55 @@ def _pick_variant(codes, sx, zx, rowsum, w, outs) -> str:
     return min(times, key=times.get)
 
 
+# swap-tma: opt-in (DUQUANT_GEMM_VARIANT=swap-tma) until the GPU sweep has timed it; "auto" picks nt or swap
+VARIANTS = ("nt", "swap", "swap-tma")
+
+
+def tma_cannot_run(codes: torch.Tensor, w: GemmWeight) -> str | None:
+    """Why the TMA kernel cannot take these operands (None when it can): per-channel weights, 16-byte aligned
+    rows and bases (the tensor memory accelerator's rule)."""
+    if w.group_size is not None:
+        return "group-wise weight scales are not implemented in the TMA kernel"
+    for name, t in (("activation codes", codes), ("weights", w.data)):
+        if t.stride(-1) != 1 or t.stride(0) % 16 or t.data_ptr() % 16:
+            return f"{name}: rows must be contiguous and 16-byte aligned for TMA"
+    return None
+
+
+def _launch_tma(codes, sx, zx, rowsum, w: GemmWeight, o, n1, n2, num_out):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    why = tma_cannot_run(codes, w)
+    if why:
+        raise ValueError(f"GEMM variant swap-tma: {why}")
+    m = codes.shape[0]
+    # block shapes are placeholders: the autotuner's pre-hook sets them per configuration
+    x_desc = TensorDescriptor.from_tensor(codes, [16, 32])
+    w_desc = TensorDescriptor.from_tensor(w.data, [16, 32])
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BM"]) * triton.cdiv(w.N, meta["BN"]),)
+
+    _gemm_swap_tma_kernel[grid](
+        x_desc, w_desc, m, w.N, w.K, w.KH, sx, zx if zx is not None else sx, rowsum, w.scale, w.zero, w.colsum,
+        w.bias if w.bias is not None else sx, o[0], o[1], o[2], n1, n2, o[0].stride(0), o[1].stride(0),
+        o[2].stride(0), _mb(m), W_KIND=w.kind, ASYM_X=zx is not None, HAS_BIAS=w.bias is not None,
+        NUM_OUT=num_out, USE_ASM=_USE_ASM,
+    )
+
+
 def _launch(variant, codes, sx, zx, rowsum, w: GemmWeight, outs):
     m = codes.shape[0]
     n1 = w.splits[0]
     n2 = n1 + (w.splits[1] if len(w.splits) > 1 else 0)
     o = list(outs) + [outs[0]] * (3 - len(outs))
-    kernel = _gemm_nt_kernel if variant == "nt" else _gemm_swap_kernel
-    if variant not in ("nt", "swap"):
-        raise ValueError(f"unknown GEMM variant {variant!r} (nt, swap, auto)")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown GEMM variant {variant!r} ({', '.join(VARIANTS)}, auto)")
     if len(outs) > 3:
         raise ValueError("at most three fused outputs")
+    if variant == "swap-tma":
+        return _launch_tma(codes, sx, zx, rowsum, w, o, n1, n2, len(outs))
+    kernel = _gemm_nt_kernel if variant == "nt" else _gemm_swap_kernel
 
     def grid(meta):
         return (triton.cdiv(m, meta["BM"]) * triton.cdiv(w.N, meta["BN"]),)
