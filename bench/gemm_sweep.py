@@ -1,7 +1,8 @@
 # ruff: noqa: B023  (timed lambdas run before the loop moves on)
 """Launch configurations of the integer GEMMs (``kernels/triton_gemm.py``; nt, swap and the TMA variant swap-tma,
-autotuned) on the LLM's large shapes, beside bf16 cuBLAS and torch's FP8 ``_scaled_mm``: where the W4A8 product loses to bf16 at M = 816, is it the tile shape, the
-pipeline depth, or the int4 unpack (compare the int8 x int8 rows, which have no unpack)?
+autotuned) on the LLM's large shapes, beside bf16 cuBLAS and torch's FP8 ``_scaled_mm``: where the W4A8 product
+loses to bf16 at M = 816, is it the tile shape, the pipeline depth, or the int4 unpack (compare the int8 x int8
+rows, which have no unpack)?
 
 Every configuration is checked against the float reference before it is timed (L2 flushed before each call,
 CUDA-graph replays, ``kernel_bench.timeit``); a configuration that does not compile or fit is listed as skipped.

@@ -1,5 +1,7 @@
 """The engine on a generic model: quantize(), groups, packs, dry run, apply_from_env, baselines' ordering."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -127,7 +129,10 @@ def test_packs_reused_bit_identical_and_stale_detected(tmp_path):
     m1 = make_model()
     r1 = quantize(m1, cfg, calibrate=calib_fn(batches()), progress=False, verbose=False)
     assert (r1.pack_hits, r1.pack_misses) == (0, 14)
-    assert (tmp_path / "packs" / "manifest.json").exists()
+    from duquant.packs import FORMAT_VERSION
+
+    entries = json.loads((tmp_path / "packs" / "manifest.json").read_text())["layers"]
+    assert len(entries) == 14 and {e["pack_format_version"] for e in entries.values()} == {FORMAT_VERSION}
 
     called = []
     m2 = make_model()

@@ -22,7 +22,7 @@ from duquant.calibration import CalibrationResult, LayerStats
 from duquant.calibration import calibrate as run_calibration
 from duquant.config import ConfigError, DuQuantConfig, env_is_active
 from duquant.layers import DuQuantLinear, rotate_rows
-from duquant.packs import PackStore, group_fingerprint, weight_fingerprint
+from duquant.packs import FORMAT_VERSION, PackStore, group_fingerprint, weight_fingerprint
 from duquant.quantizers import search_weight_clip, static_activation_qparams
 from duquant.selection import layer_line, part_counts, permutation_summary, select_layers, selection_summary
 from duquant.timing import PhaseTimer, null_timer
@@ -320,9 +320,11 @@ def quantize(model: nn.Module, config: DuQuantConfig | None = None,
                     "group_fingerprint": group_fingerprint([fingerprints[g] for g in meta["group"]]),
                     "duquant_version": __version__}
             path = store.save(name, layer_tensors(layer), meta)
+            # per entry: entries of layers not rewritten this run stay as an older run wrote them
             manifest[name] = {"file": path.name, "config_hash": meta["config_hash"],
                               "weight_fingerprint": fingerprints[name], "transform_kind": meta["transform_kind"],
-                              "weight_rounding": meta["weight_rounding"], "format": meta["format"]}
+                              "weight_rounding": meta["weight_rounding"], "format": meta["format"],
+                              "pack_format_version": FORMAT_VERSION}
         loaded[name] = layer
     if store is not None and manifest:
         store.write_manifest(manifest)
