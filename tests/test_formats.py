@@ -370,6 +370,7 @@ def test_w4a16_natural_kernel_is_pipelined_for_sm90():
 
 
 def test_w4a16_weight_refuses_fractional_zero_points():
+    pytest.importorskip("triton")
     from duquant.kernels.triton_w4a16 import w4a16_weight
     from duquant.quantizers import quantize_weight
 
