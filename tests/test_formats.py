@@ -15,6 +15,7 @@ from duquant.formats.fp8 import E4M3_MAX
 from duquant.layers import DuQuantLinear
 from duquant.quantizers import fake_quantize_activation
 from duquant.random_layers import random_activations, random_layer
+from gpu_marks import needs_gpu
 from triton_interpreter import PREAMBLE, run_under_interpreter
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "duquant"
@@ -286,19 +287,8 @@ def test_w4a16_kernel_under_interpreter(impl, split_k, ilv, monkeypatch):
 
 # ---- gpu backends (H100; skipped on CI) ------------------------------------------------------------------------
 
-def _gpu_ok():
-    if not CUDA:
-        return False
-    from duquant.kernels import gpu_available
-
-    return gpu_available()[0]
-
-
-gpu = pytest.mark.skipif(not _gpu_ok(), reason="needs CUDA + triton, sm80+")
-
-
 @pytest.mark.gpu
-@gpu
+@needs_gpu
 @pytest.mark.parametrize("name,gs", [("w4a16", None), ("w4a16", 128), ("w8a8-fp8", None)])
 @pytest.mark.parametrize("m,k,n", [(51, 1024, 4096), (51, 4096, 1024), (816, 2048, 2048)])
 def test_gpu_format_matches_its_reference(name, gs, m, k, n):
@@ -334,7 +324,7 @@ def test_gpu_format_matches_its_reference(name, gs, m, k, n):
 
 
 @pytest.mark.gpu
-@gpu
+@needs_gpu
 def test_gpu_tile_act_impl_in_layer_group(monkeypatch):
     """DUQUANT_ACT_IMPL=tile through the DuQuantLinear gpu path (grouped q/k/v) vs the integer reference."""
     from duquant import kernels

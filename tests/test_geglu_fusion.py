@@ -14,6 +14,7 @@ from duquant.layers import DuQuantLinear
 from duquant.models.config import GemmaConfig
 from duquant.models.gemma import GemmaMLP
 from duquant.random_layers import random_group
+from gpu_marks import needs_gpu
 
 CFG = GemmaConfig(width=64, depth=1, mlp_dim=256, num_heads=2, num_kv_heads=1, head_dim=32, vocab_size=32)
 
@@ -60,16 +61,8 @@ def test_compile_blocks_keeps_the_fused_entry_out_of_tracing():
     assert getattr(layer.forward_gelu_tanh_mul, "_duquant_not_traced", False)
 
 
-def _gpu_ok() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    from duquant.kernels import gpu_available
-
-    return gpu_available()[0]
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not _gpu_ok(), reason="needs CUDA + triton, sm80+")
+@needs_gpu
 @pytest.mark.parametrize("fmt", ["w4a8", "w8a8-fp8"])
 def test_gpu_fused_down_projection_matches_unfused(fmt, monkeypatch):
     """K = 16384 (the LLM's down projection), shuffle permutation: the fused call equals the layer on the

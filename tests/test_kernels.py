@@ -9,6 +9,7 @@ import torch
 from duquant.kernels import gpu_available, reference
 from duquant.quantizers import fake_quantize_activation
 from duquant.random_layers import random_activations, random_group, random_layer
+from gpu_marks import needs_gpu
 from triton_interpreter import PREAMBLE, run_under_interpreter
 
 CUDA = torch.cuda.is_available()
@@ -135,14 +136,12 @@ def test_tma_gemm_compiles_for_sm90_with_pipelined_tma_loads():
 
 # ---- GPU ----------------------------------------------------------------------------------------------------------
 
-gpu = pytest.mark.skipif(not (CUDA and gpu_available()[0]), reason="needs CUDA + triton, sm80+")
-
 # pi0's input widths: LLM 2048 / 16384, expert 1024 / 2048 / 4096, SigLIP 1152 / 4304
 SHAPE_CLASSES = [(816, 2048), (51, 1024), (816, 16384), (51, 4096), (768, 1152), (768, 4304), (7, 2048)]
 
 
 @pytest.mark.gpu
-@gpu
+@needs_gpu
 @pytest.mark.parametrize("m,k", SHAPE_CLASSES)
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_gpu_act_kernel_matches_reference(m, k, symmetric):
@@ -172,7 +171,7 @@ GEMM_CASES = [(4, False, None), (4, True, None), (8, False, None), (8, True, Non
 
 
 @pytest.mark.gpu
-@gpu
+@needs_gpu
 @pytest.mark.parametrize("wbits,w_sym,gs", GEMM_CASES)
 @pytest.mark.parametrize("variant", ["nt", "swap", "swap-tma"])
 @pytest.mark.parametrize("m,k,outs", [(816, 2048, [2048, 256, 256]), (51, 4096, [1024]), (768, 4304, [1152]),
@@ -203,7 +202,7 @@ def test_gpu_gemm_matches_reference(wbits, w_sym, gs, variant, m, k, outs):
 
 
 @pytest.mark.gpu
-@gpu
+@needs_gpu
 @pytest.mark.parametrize("wbits", [4, 8])
 def test_gpu_backend_layers_match_fake(wbits):
     """DuQuantLinear(backend=gpu) vs the reference integer path on the same bf16 input, grouped q/k/v."""

@@ -5,6 +5,7 @@ import textwrap
 
 import pytest
 
+from gpu_marks import needs_gpu
 from triton_interpreter import PREAMBLE, run_under_interpreter
 
 _SCRIPT = PREAMBLE + textwrap.dedent("""
@@ -105,18 +106,8 @@ def test_default_config_compiles_for_sm90_without_spills():
 
 # ---- GPU (H100; skipped on CI) ----------------------------------------------------------------------------------
 
-def _gpu_ok() -> bool:
-    import torch
-
-    if not torch.cuda.is_available():
-        return False
-    from duquant.kernels import gpu_available
-
-    return gpu_available()[0]
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not _gpu_ok(), reason="needs CUDA + triton, sm80+")
+@needs_gpu
 @pytest.mark.parametrize("m,k", [(816, 2048), (51, 1024), (816, 16384), (51, 4096), (768, 1152), (768, 4304),
                                  (7, 2048)])
 @pytest.mark.parametrize("symmetric", [False, True])
@@ -161,7 +152,7 @@ def test_gpu_tile_kernel_matches_reference(m, k, symmetric, perm_mode):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _gpu_ok(), reason="needs CUDA + triton, sm80+")
+@needs_gpu
 @pytest.mark.parametrize("m,k", [(816, 2048), (51, 1024), (816, 16384), (51, 4096), (7, 2048), (51, 2048)])
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_gpu_folded_shuffle_kernel_matches_reference(m, k, symmetric):
