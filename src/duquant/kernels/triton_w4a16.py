@@ -55,6 +55,18 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in configs if c.kwargs["SPLIT_K"] == 1] or configs
 
 
+@triton.jit
+def _program_tile(M, N, BN: tl.constexpr, BM: tl.constexpr):
+    """This program's output tile (grid axes 0 / 1: weight rows, tokens) and K split (axis 2): the program ids,
+    the tile's rows and tokens, and their masks."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    return pid_n, pid_m, pid_k, offs_n, offs_m, offs_n < N, offs_m < M
+
+
 @triton.autotune(configs=_CONFIGS, key=["MB", "N", "K", "GS"], do_bench=_bench_graph, reset_to_zero=["lock_ptr"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
@@ -66,13 +78,7 @@ def _w4a16_kernel(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, z_ptr, b_ptr, y_ptr
     64-row MMA even when M is 51). With SPLIT_K > 1 each program takes a K range, writes its float32 partial, and
     the last program of an output tile to arrive (a counter per tile) adds the partials in split order: one
     launch, and the same sum every run (no atomics on the data)."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    nmask = offs_n < N
-    mmask = offs_m < M
+    pid_n, pid_m, pid_k, offs_n, offs_m, nmask, mmask = _program_tile(M, N, BN, BM)
     STEP: tl.constexpr = KS if (GS == 0 or KS <= GS) else GS  # a K step never straddles two scale groups
     jj = tl.arange(0, STEP // 2)
     steps = tl.cdiv(K, STEP)
@@ -131,13 +137,7 @@ def _w4a16_natural_kernel(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, z_ptr, b_pt
     one AND / one SHIFT+AND per 4 bytes and the integer zero point is subtracted in int8 (codes - zero is within
     +-15); then either the weights are interleaved back to channel order in registers (ILV = 0: one MMA per step,
     the weights as its register A operand) or x is split into its even / odd channels (ILV = 1: two MMAs)."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    nmask = offs_n < N
-    mmask = offs_m < M
+    pid_n, pid_m, pid_k, offs_n, offs_m, nmask, mmask = _program_tile(M, N, BN, BM)
     STEP: tl.constexpr = BK if (GS == 0 or BK <= GS) else GS  # a K step never straddles two scale groups
     kk = tl.arange(0, STEP)
     jj = tl.arange(0, STEP // 2)
