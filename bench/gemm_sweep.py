@@ -75,17 +75,9 @@ def sweep(m: int, k: int, n: int, failures: list[str]) -> list[dict]:
                                GROUPED=False, USE_ASM=tg._USE_ASM, BM=bm, BN=bn, BK=bk, GROUP_M=8,
                                num_warps=warps, num_stages=stages)
                 cfg = f"BM={bm} BN={bn} BK={bk} w={warps} s={stages}"
-            try:
-                out.fill_(float("nan"))
-                launch()
-                torch.cuda.synchronize()
-                err = float((out.float() - ref).norm() / ref.norm())
-                if not err < 1e-2:
-                    failures.append(f"{fmt} {variant} {cfg} {m}x{k}x{n}: rel err {err:.3g}")
-                    continue
-                us = kernel_bench.timeit(launch)
-            except Exception as e:  # noqa: BLE001  (out of resources: not a candidate)
-                print(f"skip {fmt} {variant} {cfg}: {str(e)[:120]}", flush=True)
+            us = kernel_bench.check_then_time(f"{fmt} {variant} {cfg} {m}x{k}x{n}", launch, out, ref,
+                                              lambda: kernel_bench.timeit(launch), failures)
+            if us is None:
                 continue
             rows.append({**base, "kernel": f"{fmt} {variant}", "config": cfg, "us": us})
             print(rows[-1], flush=True)

@@ -112,6 +112,26 @@ def median_event_ms(step, iters: int = 20) -> float:
     return times[len(times) // 2]
 
 
+def check_then_time(label: str, launch, out: torch.Tensor, ref: torch.Tensor, time_fn, failures: list[str],
+                    tol: float = 1e-2) -> float | None:
+    """The sweeps' rule, a configuration is timed only after its output was checked: ``launch()`` once into
+    ``out`` (poisoned with NaN first), its relative L2 error against ``ref``, then ``time_fn()`` (µs). None when the
+    output misses ``ref`` by ``tol`` or more (recorded in ``failures``) or the configuration cannot run (out of
+    resources, say: printed, not a candidate)."""
+    try:
+        out.fill_(float("nan"))
+        launch()
+        torch.cuda.synchronize()
+        err = float((out.double() - ref.double()).norm() / ref.double().norm())
+        if not err < tol:
+            failures.append(f"{label}: rel err {err:.3g}")
+            return None
+        return time_fn()
+    except Exception as e:  # noqa: BLE001
+        print(f"skip {label}: {str(e)[:120]}", flush=True)
+        return None
+
+
 def time_graph(fn, iters: int = 20, calls: int = 1) -> float:
     """Median µs per call of fn, from replays of one CUDA graph holding `calls` calls (captured after a warm-up
     on a side stream)."""
