@@ -118,6 +118,21 @@ def test_triton_kernels_under_interpreter():
     run_under_interpreter(_INTERP_SCRIPT, "INTERPRETER OK", timeout=600)
 
 
+def test_auto_times_the_tma_variant_only_where_it_can_run():
+    """auto's candidates: nt and swap always; swap-tma for per-channel weights on 16-byte aligned rows only (the
+    tensor memory accelerator's rule), never for group-wise scales or an offset activation view."""
+    pytest.importorskip("triton")
+    from duquant.kernels import _gemm_weight
+    from duquant.kernels.triton_gemm import auto_candidates
+
+    per_channel = _gemm_weight(random_group(256, [64], wbits=4, seed=1, steps=1), share_storage=False)
+    grouped = _gemm_weight(random_group(256, [64], wbits=4, group_size=128, seed=1, steps=1), share_storage=False)
+    codes = torch.zeros(32, 512, dtype=torch.int8)
+    assert auto_candidates(codes[:, :256], per_channel) == ("nt", "swap", "swap-tma")
+    assert auto_candidates(codes[:, :256], grouped) == ("nt", "swap")
+    assert auto_candidates(codes[:, 8:264], per_channel) == ("nt", "swap")  # base 8 bytes off 16
+
+
 def test_tma_gemm_compiles_for_sm90_with_pipelined_tma_loads():
     """The TMA variant's autotune configurations compile for sm_90 on the CPU without spills, and the software
     pipeline keeps several TMA copies in flight (prologue + loop) for each operand."""

@@ -92,6 +92,22 @@ def test_float32_rotations_of_a_partial_last_block_are_refused_by_name():
     assert cannot_run(partial, "fp16") is None and cannot_run(partial, "bf16") is None
 
 
+def test_tile_modes_over_shared_memory_are_refused_by_name():
+    """A 128-row tile (K = 16384, one token per tile) in the gather or transpose mode needs more shared memory
+    than sm_90 has (gather: 448 KB, the H200's launch error): refused before launching, naming the mode that
+    runs (scratch)."""
+    pytest.importorskip("triton")
+    import torch
+
+    from duquant.kernels.triton_act import build_act_plan
+    from duquant.kernels.triton_act_tile import act_quant_tile
+    from duquant.random_layers import random_layer
+
+    plan = build_act_plan(random_layer(16384, 8, seed=1, steps=2).transform, 16384, "cpu")
+    with pytest.raises(ValueError, match="448 KB.*perm_mode='scratch'"):
+        act_quant_tile(torch.zeros(4, 16384), plan, perm_mode="gather")
+
+
 def test_default_config_compiles_for_sm90_without_spills():
     """The whole Triton pipeline for sm_90 on the CPU (its bundled ptxas): the LLM q/k/v input's default tile
     compiles and fits in registers (a hoisted [R, 128] index tensor once spilled every register)."""
@@ -128,11 +144,13 @@ def test_gpu_tile_kernel_matches_reference(m, k, symmetric, perm_mode):
         nb = k // 128
         if k % 128 or nb & (nb - 1):
             pytest.skip("the shuffle permutation needs a power-of-two number of full blocks")
-        if k == 16384:
-            pytest.skip("a 128-row tile does not fit in shared memory in the transpose mode (refused by name)")
         g = 128 // nb
         layer.transform.perm = torch.arange(k).view(nb, nb, g).permute(1, 0, 2).reshape(-1)
     x = random_activations(m, k, seed=m, dtype=torch.bfloat16, device="cuda")
+    if k == 16384 and perm_mode != "scratch":  # a 128-row tile: over sm_90's shared memory, refused by name
+        with pytest.raises(ValueError, match="shared memory.*perm_mode='scratch'"):
+            act_quant_tile(x, build_act_plan(layer.transform, k, "cuda"), clip=0.9, perm_mode=perm_mode)
+        return
     rc, rsx, rzx = reference.act_quant(x.cpu(), layer.transform, 8, symmetric, 0.9)
     plan = build_act_plan(layer.transform, k, "cuda")
     for precision, max_d, max_flip, rtol in (("ieee", 1, 1e-4, 1e-5), ("fp16", 2, 0.1, 5e-3)):

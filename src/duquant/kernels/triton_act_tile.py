@@ -550,6 +550,10 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
         if (block_tokens or br) * nbp >= 128:
             raise ValueError("perm_mode='transpose' with a 128-row tile needs 288 KB of shared memory (sm_90 has "
                              "227 KB); use perm_mode='scratch'")
+    if pmode == PERM_MODES["gather"] and not chunk_rows and (block_tokens or br) * nbp >= 128:
+        # Triton 3.6 stages the cross-warp gather through 448 KB of shared memory at 128 rows (H200, sixth session)
+        raise ValueError("perm_mode='gather' with a 128-row tile needs 448 KB of shared memory (sm_90 has 227 KB); "
+                         "use perm_mode='scratch'")
     if chunk_rows:
         return _launch_chunked(x, plan, codes, scale, zero, rowsum, symmetric, clip, layout, precision, exact_div,
                                programs, fp8, int(chunk_rows), nbp, warps)
