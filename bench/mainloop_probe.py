@@ -64,6 +64,90 @@ def _kernel():
     return probe_gemm
 
 
+def _w4_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe_w4(x_desc, w_desc, c_ptr, M, N, KH, stride_cm, FP8: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+        """Packed int4 weights (byte j = codes 2j | 2j+1 << 4) as the MMA's A operand (swap orientation, through
+        registers), activations in split order (even channels, then odd ones). FP8: a nibble n in the low bits of
+        a byte is the e4m3 number n * 2^-9 exactly (subnormals for n < 8, exponent field 1 above), so the unpack
+        is the int8 path's mask / shift and a bitcast; the 2^9 goes into the epilogue."""
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BM)
+        pid_m = pid % num_m
+        pid_n = pid // num_m
+        if FP8:
+            acc = tl.zeros((BN, BM), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BN, BM), dtype=tl.int32)
+        BKH: tl.constexpr = BK // 2
+        for it in range(0, tl.cdiv(KH, BKH)):
+            p = w_desc.load([pid_n * BN, it * BKH])
+            x_lo = x_desc.load([pid_m * BM, it * BKH])
+            x_hi = x_desc.load([pid_m * BM, KH + it * BKH])
+            lo = p & 0x0F
+            hi = p >> 4
+            if FP8:
+                acc = tl.dot(lo.to(tl.float8e4nv, bitcast=True), tl.trans(x_lo), acc)
+                acc = tl.dot(hi.to(tl.float8e4nv, bitcast=True), tl.trans(x_hi), acc)
+            else:
+                acc = tl.dot(lo.to(tl.int8, bitcast=True), tl.trans(x_lo), acc, out_dtype=tl.int32)
+                acc = tl.dot(hi.to(tl.int8, bitcast=True), tl.trans(x_hi), acc, out_dtype=tl.int32)
+        y = acc.to(tl.float32)
+        if FP8:
+            y = y * 512.0
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+        tl.store(c_ptr + offs_m[None, :] * stride_cm + offs_n[:, None], y.to(tl.bfloat16), mask)
+
+    return probe_w4
+
+
+# swap orientation: (BN weight rows, BM tokens, BK, warps, stages)
+W4_GRID = [(128, 128, 128, 8, 3), (128, 128, 256, 8, 3), (128, 256, 128, 8, 3), (64, 256, 128, 4, 4),
+           (128, 64, 256, 4, 4), (256, 128, 128, 8, 3)]
+
+
+def probe_w4(m: int, k: int, n: int, failures: list[str], t_bf16: float) -> list[dict]:
+    """Packed int4 x int8 against packed int4 x FP8, same kernel otherwise."""
+    import triton
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    kern = _w4_kernel()
+    kh = k // 2
+    packed = torch.randint(0, 256, (n, kh), device="cuda", dtype=torch.uint8)
+    lo, hi = (packed & 15).double(), (packed >> 4).double()
+    xi = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8)
+    xf = torch.randn(m, k, device="cuda", dtype=torch.bfloat16).to(torch.float8_e4m3fn)
+    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    rows = []
+    for name, xa, fp8 in (("w4 x int8", xi, False), ("w4 x fp8 (nibble bitcast)", xf, True)):
+        ref = xa[:, :kh].double() @ lo.T + xa[:, kh:].double() @ hi.T
+        best = None
+        for bn, bm, bk, warps, stages in W4_GRID:
+            x_desc = TensorDescriptor.from_tensor(xa, [bm, bk // 2])
+            w_desc = TensorDescriptor.from_tensor(packed, [bn, bk // 2])
+
+            def launch(x_desc=x_desc, w_desc=w_desc, bm=bm, bn=bn, bk=bk, warps=warps, stages=stages):
+                grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+                kern[grid](x_desc, w_desc, out, m, n, kh, out.stride(0), FP8=fp8, BM=bm, BN=bn, BK=bk, GROUP_M=8,
+                           num_warps=warps, num_stages=stages)
+            cfg = f"BN={bn} BM={bm} BK={bk} w={warps} s={stages}"
+            us = kernel_bench.check_then_time(f"triton {name} {cfg} {m}x{k}x{n}", launch, out, ref,
+                                              lambda: kernel_bench.timeit(launch), failures)
+            if us is not None and (best is None or us < best["us"]):
+                best = {"M": m, "K": k, "N": n, "kernel": f"triton {name} (swap, TMA, best tile)", "config": cfg,
+                        "us": us}
+            print(name, cfg, us, flush=True)
+        if best:
+            rows.append({**best, "vs bf16": t_bf16 / best["us"]})
+    return rows
+
+
 def probe(m: int, k: int, n: int, failures: list[str]) -> list[dict]:
     import triton
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -108,7 +192,7 @@ def probe(m: int, k: int, n: int, failures: list[str]) -> list[dict]:
             rows.append(best)
     for r in rows:
         r["vs bf16"] = rows[0]["us"] / r["us"]
-    return rows
+    return rows + probe_w4(m, k, n, failures, rows[0]["us"])
 
 
 def main() -> int:
