@@ -43,6 +43,7 @@ VARIANTS = {
     "w4a8 all fast": (("llm", "vision", "expert"), 4, True, ()),
     "w8a8 llm+vision fast": (("llm", "vision"), 8, True, ()),
     "w8a8-fp8 llm fast": (("llm",), "w8a8-fp8", True, ()),
+    "w4a8-fp8 llm fast": (("llm",), "w4a8-fp8", True, ()),
     "w8a8-fp8 llm w4a16 expert fast": (("llm",), "w8a8-fp8", True, ("expert",)),
 }
 SHUFFLE = " shuffle"  # suffix of a quantized variant: permute=shuffle, not zigzag ("w4a8 llm fast shuffle")

@@ -6,6 +6,7 @@ rows, which have no unpack)?
 
 Every configuration is checked against the float reference before it is timed (L2 flushed before each call,
 CUDA-graph replays, ``kernel_bench.timeit``); a configuration that does not compile or fit is listed as skipped.
+The w4a8-fp8 rows: the same packed int4 weights read as e4m3 (``W_INT4_FP8``) times FP8 activations, autotuned.
 
     PYTHONPATH=src python3 bench/gemm_sweep.py [--out DIR] [--shapes 816x2048x32768,816x16384x2048]
 """
@@ -81,9 +82,37 @@ def sweep(m: int, k: int, n: int, failures: list[str]) -> list[dict]:
                 continue
             rows.append({**base, "kernel": f"{fmt} {variant}", "config": cfg, "us": us})
             print(rows[-1], flush=True)
+    rows += _int4_fp8_rows(m, k, n, base, failures)
     t_bf16 = rows[0]["us"]
     for r in rows:
         r["vs bf16"] = t_bf16 / r["us"]
+    return rows
+
+
+def _int4_fp8_rows(m: int, k: int, n: int, base: dict, failures: list[str]) -> list[dict]:
+    """The w4a8-fp8 GEMM (packed int4 weights read as e4m3, FP8 activations in split order, float code sums),
+    each variant autotuned."""
+    from duquant.kernels import reference
+    from duquant.kernels import triton_gemm as tg
+
+    w, deq = kernel_bench.random_gemm_weight(k, [n], 4, w_symmetric=False)
+    w.kind = tg.W_INT4_FP8
+    g = torch.Generator(device="cuda").manual_seed(2)
+    codes = (torch.randn(m, k, generator=g, device="cuda") * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    sx = torch.rand(m, generator=g, device="cuda") * 0.01 + 0.001
+    xin = reference.split_int4_order(codes.view(torch.uint8)).view(torch.float8_e4m3fn)
+    rs = codes.float().sum(1)
+    ref = (codes.float() * sx[:, None]) @ deq.T
+    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    rows = []
+    for v in tg.auto_candidates(xin, w):
+        def launch(v=v):
+            tg._launch(v, xin, sx, None, rs, w, [out])
+        us = kernel_bench.check_then_time(f"w4a8-fp8 {v} {m}x{k}x{n}", launch, out, ref,
+                                          lambda: kernel_bench.timeit(launch), failures)
+        if us is not None:
+            rows.append({**base, "kernel": f"w4a8-fp8 autotuned {v}", "config": "autotuned", "us": us})
+            print(rows[-1], flush=True)
     return rows
 
 

@@ -455,17 +455,20 @@ def quantize_synthetic(model, parts, wbits: int | str = 4, w_symmetric: bool = F
     """Replace the transformer-block linears of `parts` by gpu-backend DuQuantLinear layers with real DuQuant
     transforms (searched once per input width on random outlier activations, not calibrated: this measures speed
     and memory only). `wbits`: 4 or 8 (integer weights, int8 activations) or a format name with an online
-    transform (``w8a8-fp8``). Parts in `weight_only` become w4a16 layers instead (no activation transform; the
-    format the action expert at M ~ 51 is meant to use). ``permute``: zigzag or shuffle (docs/algorithm.md)."""
+    transform (``w8a8-fp8``, ``w4a8-fp8``). Parts in `weight_only` become w4a16 layers instead (no activation
+    transform; the format the action expert at M ~ 51 is meant to use). ``permute``: zigzag or shuffle
+    (docs/algorithm.md)."""
     from torch import nn
 
-    from duquant.formats import name_for_bits
+    from duquant import formats
     from duquant.layers import DuQuantLinear
     from duquant.random_layers import random_transform
     from duquant.transform import LayerTransform
 
-    fmt = wbits if isinstance(wbits, str) else name_for_bits(wbits, 8)
-    w_clip = 0.9 if isinstance(wbits, int) and wbits <= 4 else 1.0  # the fixed 4-bit clip; 8-bit and fp8 unclipped
+    fmt = wbits if isinstance(wbits, str) else formats.name_for_bits(wbits, 8)
+    # the fixed 4-bit clip (w4a8, w4a8-fp8); 8-bit and fp8 weights unclipped
+    f = formats.get(fmt)
+    w_clip = 0.9 if f.weights.startswith("int") and f.wbits <= 4 else 1.0
     prefixes = [PART_PREFIX[p] for p in (*parts, *weight_only)]
     weight_only_prefixes = tuple(PART_PREFIX[p] for p in weight_only)
     n = 0

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernel_bench  # noqa: E402
 
 GROUPS = [(2048, [2048, 256, 256]), (2048, [2048]), (2048, [16384, 16384]), (16384, [2048])]  # gemma_2b layer
-VARIANTS = [("w4a8", "zigzag"), ("w4a8", "shuffle"), ("w8a8-fp8", "shuffle")]
+VARIANTS = [("w4a8", "zigzag"), ("w4a8", "shuffle"), ("w4a8-fp8", "shuffle"), ("w8a8-fp8", "shuffle")]
 
 
 def main() -> int:
@@ -67,9 +67,9 @@ def main() -> int:
             ql = []
             for (k, _), grp in zip(GROUPS, layer):
                 t = copy.deepcopy(searched[k]).to("cuda")  # one transform object per group: one activation pass
-                ql.append([DuQuantLinear.from_linear(lin.float(), fmt, transform=t, w_clip=0.9 if fmt == "w4a8"
-                                                     else 1.0, act_clip=0.9, method="duquant", backend="gpu")
-                           for lin in grp])
+                w_clip = 0.9 if fmt.startswith("w4") else 1.0  # the fixed 4-bit clip
+                ql.append([DuQuantLinear.from_linear(lin.float(), fmt, transform=t, w_clip=w_clip, act_clip=0.9,
+                                                     method="duquant", backend="gpu") for lin in grp])
             qlayers.append(ql)
         for ql in qlayers:
             for grp in ql:

@@ -103,14 +103,16 @@ def _weight_kind(layer) -> int:
     return W_INT8 if layer.w_symmetric else W_UINT8
 
 
-def _gemm_weight(layers: list, share_storage: bool):
+def _gemm_weight(layers: list, share_storage: bool, kind: int | None = None):
     """One GemmWeight over the rows of `layers` (same kind, K, group size). With share_storage the members'
-    qweight / w_scale / w_zero buffers become views of the concatenated tensors (no second copy)."""
+    qweight / w_scale / w_zero buffers become views of the concatenated tensors (no second copy). ``kind``: the
+    GEMM's operand kind when the format decides it (``W_INT4_FP8``: the same packed int4 storage, FP8 activations);
+    default: what the weight bits and symmetry mean with int8 activations."""
     from duquant.kernels.triton_gemm import GemmWeight
 
     first = layers[0]
     k = first.in_features
-    kind = _weight_kind(first)
+    kind = _weight_kind(first) if kind is None else kind
     gs = getattr(first, "w_group_size", None)
     scales, zeros, colsums, biases = [], [], [], []
     for layer in layers:
@@ -132,7 +134,7 @@ def _gemm_weight(layers: list, share_storage: bool):
                 n = layer.out_features
                 layer.qweight = data[off:off + n]
                 off += n
-    if kind != 2 and data.dtype != (torch.int8 if kind == 0 else torch.uint8):
+    if kind in (0, 1) and data.dtype != (torch.int8 if kind == 0 else torch.uint8):
         data = data.view(torch.int8 if kind == 0 else torch.uint8)
     scale = torch.cat(scales)
     zero = torch.cat(zeros)

@@ -69,8 +69,10 @@ def tile_kernel_report(block_tokens: int, nbp: int, num_warps: int, precision: s
     cons = dict(BR=block_tokens, NBP=nbp, BS=128, HAS_SMOOTH=True, HAS_R1=True, R1_TWO=two, HAS_PERM=True,
                 HAS_R2=True, R2_TWO=two, SYMMETRIC=False, DOT=dot, PERM_MODE=perm_mode, EXACT_DIV=exact_div,
                 USE_LIBDEVICE=True, HOIST=hoist, SPLIT=False, FP8=fp8, ROUND_E4M3=False, EVEN=not two,
-                G=max(1, 128 // nbp) if perm_mode == 2 else 1, PREFETCH=False)
+                G=max(1, 128 // nbp) if perm_mode == 2 else 1, PREFETCH=False, FP8_SUM=False)
     cons.update(flags)  # e.g. HAS_PERM=False: what one stage costs in registers
+    if cons["FP8_SUM"]:
+        sig["rowsum_ptr"] = "*fp32"
     return compile_report(_tile_act_kernel, sig, cons, num_warps=num_warps, arch=arch)
 
 
@@ -90,8 +92,10 @@ def chunked_kernel_report(chunk_rows: int, nbp: int, num_warps: int = 4, precisi
     cons = dict(RC=chunk_rows, NBP=nbp, BS=128, HAS_SMOOTH=True, HAS_R1=True, R1_TWO=False, HAS_PERM=True,
                 HAS_R2=True, R2_TWO=False, SYMMETRIC=False, DOT=dot, EXACT_DIV=True, USE_LIBDEVICE=True, SPLIT=False,
                 FP8=fp8, ROUND_E4M3=False, EVEN=True,
-                OP_DTYPE={"fp16": tl.float16, "bf16": tl.bfloat16}.get(precision, tl.float32))
+                OP_DTYPE={"fp16": tl.float16, "bf16": tl.bfloat16}.get(precision, tl.float32), FP8_SUM=False)
     cons.update(flags)
+    if cons["FP8_SUM"]:
+        sig["rowsum_ptr"] = "*fp32"
     return compile_report(_tile_act_chunked_kernel, sig, cons, num_warps=num_warps, arch=arch)
 
 
@@ -108,8 +112,10 @@ def shuffle_kernel_report(block_tokens: int, nb: int, num_warps: int, precision:
            "stride_um": "i32"}
     cons = dict(BR=block_tokens, NB=nb, BS=128, G=128 // nb, HAS_SMOOTH=True, SYMMETRIC=False, DOT=dot,
                 EXACT_DIV=precision in ("ieee", "tf32"), USE_LIBDEVICE=True, SPLIT=split, FP8=fp8, ROUND_E4M3=False,
-                STAGES=stages, PREFETCH=True, GEGLU=False)  # the host's defaults
+                STAGES=stages, PREFETCH=True, GEGLU=False, FP8_SUM=False)  # the host's defaults
     cons.update(flags)
+    if cons["FP8_SUM"]:
+        sig["rowsum_ptr"] = "*fp32"
     return compile_report(_shuffle_act_kernel, sig, cons, num_warps=num_warps, arch=arch)
 
 
@@ -134,16 +140,20 @@ def w4a16_kernel_report(impl: str = "natural", bn: int = 64, bm: int = 64, bk: i
 def tma_gemm_report(bm: int, bn: int, bk: int, num_warps: int, num_stages: int, w_kind: int = 2,
                     arch: int = 90) -> dict:
     """compile_report of ``triton_gemm._gemm_swap_tma_kernel`` (weights as the MMA's A operand, both operands
-    through TMA descriptors) at one launch configuration; ``w_kind`` 2 = packed int4, 0 = int8, 1 = uint8."""
+    through TMA descriptors) at one launch configuration; ``w_kind`` 2 = packed int4, 0 = int8, 1 = uint8,
+    3 = packed int4 x FP8 activations."""
     from duquant.kernels import triton_gemm as g
 
-    bkd = bk // 2 if w_kind == g.W_INT4 else bk
+    fp8 = w_kind == g.W_INT4_FP8
+    bkd = bk // 2 if w_kind in (g.W_INT4, g.W_INT4_FP8) else bk
     wty = "i8" if w_kind == g.W_INT8 else "u8"
-    sig = {"x_desc": f"tensordesc<i8[{bm}, {bkd}]>", "w_desc": f"tensordesc<{wty}[{bn}, {bkd}]>", "M": "i32",
-           "N": "i32", "K": "i32", "KH": "i32", "sx_ptr": "*fp32", "zx_ptr": "*fp32", "rs_ptr": "*i32",
+    sig = {"x_desc": f"tensordesc<{'fp8e4nv' if fp8 else 'i8'}[{bm}, {bkd}]>",
+           "w_desc": f"tensordesc<{wty}[{bn}, {bkd}]>", "M": "i32", "N": "i32", "K": "i32", "KH": "i32",
+           "sx_ptr": "*fp32", "zx_ptr": "*fp32", "rs_ptr": "*fp32" if fp8 else "*i32",
            "sw_ptr": "*fp32", "zw_ptr": "*i32", "cw_ptr": "*fp32", "bias_ptr": "*fp32", "o0": "*bf16", "o1": "*bf16",
            "o2": "*bf16", "n1": "i32", "n2": "i32", "so0": "i32", "so1": "i32", "so2": "i32", "MB": "i32"}
-    cons = dict(W_KIND=w_kind, ASYM_X=True, HAS_BIAS=False, NUM_OUT=1, USE_ASM=True, BM=bm, BN=bn, BK=bk, GROUP_M=8)
+    cons = dict(W_KIND=w_kind, ASYM_X=not fp8, HAS_BIAS=False, NUM_OUT=1, USE_ASM=True, BM=bm, BN=bn, BK=bk,
+                GROUP_M=8)
     div = tuple(k for k, v in sig.items() if v.startswith("*")) + ("N", "K", "KH", "so0", "so1", "so2")
     return compile_report(g._gemm_swap_tma_kernel.fn, sig, cons, num_warps=num_warps, arch=arch,
                           num_stages=num_stages, divisible=div)

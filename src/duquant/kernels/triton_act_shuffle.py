@@ -77,7 +77,7 @@ def _shuffle_act_kernel(
     BR: tl.constexpr, NB: tl.constexpr, BS: tl.constexpr, G: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, SYMMETRIC: tl.constexpr, DOT: tl.constexpr, EXACT_DIV: tl.constexpr,
     USE_LIBDEVICE: tl.constexpr, SPLIT: tl.constexpr, FP8: tl.constexpr, ROUND_E4M3: tl.constexpr,
-    STAGES: tl.constexpr, PREFETCH: tl.constexpr, GEGLU: tl.constexpr,
+    STAGES: tl.constexpr, PREFETCH: tl.constexpr, GEGLU: tl.constexpr, FP8_SUM: tl.constexpr,
 ):
     """GEGLU: x is the gate and ``u_ptr`` the up projection's output; the transformed input is their
     gelu-tanh product (``_gelu_tanh_mul``), computed here instead of in a kernel of its own (producer fusion
@@ -135,17 +135,19 @@ def _shuffle_act_kernel(
         toks = step * BR + tl.arange(0, BR)
         tm = toks < M
         every = tl.full((1, BS), 1, tl.int1)  # whole blocks: every channel is valid
+        if SPLIT:  # R2's columns came even-first (folded_matrices): each half-row is one contiguous run
+            dest = blk[:, None] * (BS // 2) + (i % (BS // 2))[None, :] + (i // (BS // 2))[None, :] * (K // 2)
+        else:
+            dest = chan
         if FP8:  # e4m3 codes, scale = absmax * clip / 448 per token (formats/fp8.py)
             v, scale = _fp8_codes(y, every, clip, BR, NB, True, ROUND_E4M3, USE_LIBDEVICE)
-            tl.store(codes_ptr + tok[:, None].to(tl.int64) * stride_cm + chan, v.to(tl.float8e4nv),
-                     mask=tmask[:, None])
+            vq = v.to(tl.float8e4nv)
+            tl.store(codes_ptr + tok[:, None].to(tl.int64) * stride_cm + dest, vq, mask=tmask[:, None])
             tl.store(scale_ptr + toks, scale, mask=tm)
+            if FP8_SUM:  # the sum of the token's e4m3 values (the int4 x FP8 GEMM's weight zero-point term)
+                tl.store(rowsum_ptr + toks, _per_token(tl.sum(vq.to(tl.float32), axis=1), BR, NB, 2), mask=tm)
         else:
             qi, scale, zero = _int8_codes(y, every, clip, BR, NB, True, SYMMETRIC, EXACT_DIV, USE_LIBDEVICE)
-            if SPLIT:  # R2's columns came even-first (folded_matrices): each half-row is one contiguous run
-                dest = blk[:, None] * (BS // 2) + (i % (BS // 2))[None, :] + (i // (BS // 2))[None, :] * (K // 2)
-            else:
-                dest = chan
             tl.store(codes_ptr + tok[:, None].to(tl.int64) * stride_cm + dest, qi.to(tl.int8), mask=tmask[:, None])
             tl.store(scale_ptr + toks, scale, mask=tm)
             if not SYMMETRIC:
@@ -203,9 +205,10 @@ def act_quant_shuffle(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False
                       layout: str = "natural", precision: str = "fp16", exact_div: bool | None = None,
                       block_tokens: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                       programs: int | None = None, fp8: bool = False, prefetch: bool | None = None,
-                      out: tuple | None = None, up: torch.Tensor | None = None):
+                      out: tuple | None = None, up: torch.Tensor | None = None, fp8_sum: bool = False):
     """``triton_act_tile.act_quant_tile``'s contract for a shuffle-permutation plan (``cannot_run`` says when
-    not): x [M, K] -> (codes, scale, zero | None, rowsum | None).
+    not): x [M, K] -> (codes, scale, zero | None, rowsum | None). K is whole blocks, so the split layout has no pad
+    column here.
 
     ``exact_div`` (default: IEEE division for the float32 precisions ``ieee`` / ``tf32`` only): with fp16 / bf16
     rotations the values being divided already carry the operands' rounding (codes within 2 of the spec's on a
@@ -229,12 +232,13 @@ def act_quant_shuffle(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False
     if k != plan.K:
         raise ValueError(f"activation kernel built for K={plan.K}, got input with {k} channels")
     if fp8:
-        layout, symmetric = "natural", True
+        symmetric = True
     dev = x.device
     if out is None:
         if fp8:
             out = (torch.empty(m, k, dtype=torch.float8_e4m3fn, device=dev), torch.empty(m, dtype=torch.float32,
-                                                                                        device=dev), None, None)
+                                                                                        device=dev), None,
+                   torch.empty(m, dtype=torch.float32, device=dev) if fp8_sum else None)
         else:
             out = (torch.empty(m, k, dtype=torch.int8, device=dev), torch.empty(m, dtype=torch.float32, device=dev),
                    None if symmetric else torch.empty(m, dtype=torch.float32, device=dev),
@@ -263,6 +267,7 @@ def act_quant_shuffle(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False
         EXACT_DIV=bool(precision in ("ieee", "tf32") if exact_div is None else exact_div),
         USE_LIBDEVICE=not _INTERPRET and libdevice is not None,
         SPLIT=layout == "split", FP8=bool(fp8), ROUND_E4M3=_INTERPRET, STAGES=stages,
-        PREFETCH=bool(True if prefetch is None else prefetch), GEGLU=up is not None, num_warps=warps,
+        PREFETCH=bool(True if prefetch is None else prefetch), GEGLU=up is not None,
+        FP8_SUM=bool(fp8 and rowsum is not None), num_warps=warps,
     )
     return codes, scale, zero, rowsum

@@ -140,6 +140,12 @@ def _masked(v, valid, other, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _fp8_sum_terms(vq, valid, EVEN: tl.constexpr):
+    """e4m3 codes -> their float32 values, zero outside `valid` (the terms of a token's code sum)."""
+    return _masked(vq.to(tl.float32), valid, 0.0, EVEN)
+
+
+@triton.jit
 def _fp8_codes(y, valid, clip, BR: tl.constexpr, NBP: tl.constexpr, EVEN: tl.constexpr, ROUND_E4M3: tl.constexpr,
                USE_LIBDEVICE: tl.constexpr):
     """A [BR * NBP, BS] tile (rows = token, block) -> (e4m3 values in float32, to be cast; scale [BR] =
@@ -210,7 +216,7 @@ def _tile_act_kernel(
     HAS_R2: tl.constexpr, R2_TWO: tl.constexpr, SYMMETRIC: tl.constexpr, DOT: tl.constexpr,
     PERM_MODE: tl.constexpr, EXACT_DIV: tl.constexpr, USE_LIBDEVICE: tl.constexpr, HOIST: tl.constexpr,
     SPLIT: tl.constexpr, FP8: tl.constexpr, ROUND_E4M3: tl.constexpr, EVEN: tl.constexpr, G: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, FP8_SUM: tl.constexpr,
 ):
     R: tl.constexpr = BR * NBP
     KP: tl.constexpr = NBP * BS
@@ -292,11 +298,18 @@ def _tile_act_kernel(
 
         toks = tile * BR + tl.arange(0, BR)
         tm = toks < M
-        if FP8:  # e4m3 codes, scale = absmax * clip / 448 per token (formats/fp8.py), no zero point, no code sum
+        if FP8:  # e4m3 codes, scale = absmax * clip / 448 per token (formats/fp8.py), no zero point
             v, scale = _fp8_codes(y, valid, clip, BR, NBP, EVEN, ROUND_E4M3, USE_LIBDEVICE)
-            tl.store(codes_ptr + tok[:, None].to(tl.int64) * stride_cm + chan, v.to(tl.float8e4nv),
-                     mask=tmask[:, None] & valid)
+            vq = v.to(tl.float8e4nv)
+            if SPLIT:
+                _store_codes(codes_ptr + tok[:, None].to(tl.int64) * stride_cm, vq, blk, tmask[:, None], K, R, BS,
+                             SPLIT)
+            else:
+                tl.store(codes_ptr + tok[:, None].to(tl.int64) * stride_cm + chan, vq, mask=tmask[:, None] & valid)
             tl.store(scale_ptr + toks, scale, mask=tm)
+            if FP8_SUM:  # the sum of the token's e4m3 values: the int4 x FP8 GEMM's weight zero-point term
+                tl.store(rowsum_ptr + toks, _per_token(tl.sum(_fp8_sum_terms(vq, valid, EVEN), axis=1), BR, NBP, 2),
+                         mask=tm)
         else:
             qi, scale, zero = _int8_codes(y, valid, clip, BR, NBP, EVEN, SYMMETRIC, EXACT_DIV, USE_LIBDEVICE)
             smask = tmask[:, None] & valid
@@ -344,7 +357,7 @@ def _tile_act_chunked_kernel(
     HAS_SMOOTH: tl.constexpr, HAS_R1: tl.constexpr, R1_TWO: tl.constexpr, HAS_PERM: tl.constexpr,
     HAS_R2: tl.constexpr, R2_TWO: tl.constexpr, SYMMETRIC: tl.constexpr, DOT: tl.constexpr,
     EXACT_DIV: tl.constexpr, USE_LIBDEVICE: tl.constexpr, SPLIT: tl.constexpr, FP8: tl.constexpr,
-    ROUND_E4M3: tl.constexpr, EVEN: tl.constexpr, OP_DTYPE: tl.constexpr,
+    ROUND_E4M3: tl.constexpr, EVEN: tl.constexpr, OP_DTYPE: tl.constexpr, FP8_SUM: tl.constexpr,
 ):
     """Persistent over tokens; each token in chunks of RC blocks, four passes so that only an [RC, BS] chunk is
     ever in registers: (A) max |x/s| for the fp16 scaling, (B) smooth, R1, into the scratch row, (C) gather the
@@ -409,6 +422,7 @@ def _tile_act_chunked_kernel(
             scale = tl.minimum(tl.maximum(tl.div_rn(mx - mn, 255.0), 1e-8), 1e8)
             zero = _rint(tl.div_rn(-mn, scale), USE_LIBDEVICE)
         rsum = 0
+        fsum = 0.0
         for c in range(NCH):  # (D)
             y, chan = _chunk_rotated(base, perm_ptr, c, z, f, b0, b1, last_block, RC, BS, HAS_PERM, HAS_R2, R2_TWO,
                                      DOT, PRESCALE)
@@ -419,7 +433,14 @@ def _tile_act_chunked_kernel(
                     e = tl.maximum(tl.floor(tl.log2(tl.maximum(tl.abs(v), 1e-30))), -6.0)
                     step = tl.exp2(e - 3.0)
                     v = _rint(v / step, USE_LIBDEVICE) * step
-                tl.store(codes_ptr + tl.cast(tok, tl.int64) * stride_cm + chan, v.to(tl.float8e4nv), mask=valid)
+                vq = v.to(tl.float8e4nv)
+                if SPLIT:
+                    _store_codes(codes_ptr + tl.cast(tok, tl.int64) * stride_cm, vq, c * RC + tl.arange(0, RC),
+                                 tl.full((RC, 1), 1, tl.int1), K, RC, BS, SPLIT)
+                else:
+                    tl.store(codes_ptr + tl.cast(tok, tl.int64) * stride_cm + chan, vq, mask=valid)
+                if FP8_SUM:
+                    fsum += tl.sum(tl.sum(_fp8_sum_terms(vq, valid, False), axis=1), axis=0)
             else:
                 if EXACT_DIV:
                     v = tl.div_rn(y, scale)
@@ -435,6 +456,8 @@ def _tile_act_chunked_kernel(
                              tl.full((RC, 1), 1, tl.int1), K, RC, BS, SPLIT)
                 rsum += tl.sum(tl.sum(tl.where(valid, qi, 0), axis=1), axis=0)
         tl.store(scale_ptr + tok, scale)
+        if FP8 and FP8_SUM:
+            tl.store(rowsum_ptr + tok, fsum)
         if not FP8:
             if not SYMMETRIC:
                 tl.store(zero_ptr + tok, zero - 128.0)
@@ -477,14 +500,17 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
                    layout: str = "natural", precision: str = "fp16", exact_div: bool | None = None,
                    block_tokens: int | None = None, num_warps: int | None = None, perm_mode: str | int | None = None,
                    programs: int | None = None, hoist: bool = True, fp8: bool = False, chunk_rows: int | None = None,
-                   prefetch: bool = False, out: tuple | None = None, up: torch.Tensor | None = None):
+                   prefetch: bool = False, out: tuple | None = None, up: torch.Tensor | None = None,
+                   fp8_sum: bool = False):
     """Same contract as ``triton_act.act_quant``: x [M, K] -> (codes int8 [M, Kc], scale f32 [M], zero f32 [M] |
     None, rowsum int32 [M]). ``out`` = preallocated (codes, scale, zero, rowsum) to write into (CUDA graphs,
     poisoned-output checks). ``programs``: persistent grid size (default 2 per multiprocessor); each program
     reads the two 32 KB matrices once when ``hoist``, which at K = 2048 is more L2 traffic than its tokens.
-    ``fp8``: e4m3 codes [M, K] and scale = absmax * clip / 448 per token instead (zero and rowsum None; the
-    ``w8a8-fp8`` format), symmetric and layout ignored. ``chunk_rows``: one token per program step in chunks of
-    that many blocks (``_tile_act_chunked_kernel``; default for tokens of more than 32 blocks, 0 = never).
+    ``fp8``: e4m3 codes [M, Kc] and scale = absmax * clip / 448 per token instead (zero None; the ``w8a8-fp8``
+    format, and ``w4a8-fp8`` in the split layout), symmetric ignored; rowsum None, or with ``fp8_sum`` the float32
+    sum of each token's e4m3 values (the int4 x FP8 GEMM's weight zero-point term). ``chunk_rows``: one token
+    per program step in chunks of that many blocks (``_tile_act_chunked_kernel``; default for tokens of more than
+    32 blocks, 0 = never).
     ``exact_div``: IEEE division for the codes (None, the default: IEEE here, and a shuffle plan's folded kernel
     keeps its own default). ``prefetch`` (one-tile kernel): request the first x tile before the matrices load and
     each next one before the current one computes (the folded kernel's measured gain, BENCHMARKS.md §4); off by
@@ -500,7 +526,7 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
 
         # exact_div None: its own default (IEEE for float32 rotations, x * (1/s) for fp16 / bf16 ones)
         return act_quant_shuffle(x, plan, symmetric=symmetric, clip=clip, layout=layout, precision=precision,
-                                 exact_div=exact_div, fp8=fp8, out=out, up=up)
+                                 exact_div=exact_div, fp8=fp8, out=out, up=up, fp8_sum=fp8_sum)
     if up is not None:
         raise ValueError("the GeGLU input fusion runs in the folded kernel only (permute=shuffle, default launch, "
                          "DUQUANT_ACT_FOLD not 0)")
@@ -515,16 +541,17 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
         raise ValueError(why)
     bs = plan.BS
     if fp8:
-        layout, symmetric = "natural", True
+        symmetric = True
     kc = k if layout == "natural" else 2 * (-(-k // 2))
     dev = x.device
     if fp8 and out is None:
-        out = (torch.empty(m, k, dtype=torch.float8_e4m3fn, device=dev), torch.empty(m, dtype=torch.float32,
-                                                                                    device=dev), None, None)
+        out = (torch.empty(m, kc, dtype=torch.float8_e4m3fn, device=dev), torch.empty(m, dtype=torch.float32,
+                                                                                     device=dev), None,
+               torch.empty(m, dtype=torch.float32, device=dev) if fp8_sum else None)
     if out is not None:
         codes, scale, zero, rowsum = out
         if kc != k:
-            codes[:, k:] = 0  # the split layout's pad column (odd K)
+            codes.view(torch.uint8)[:, k:] = 0  # the split layout's pad column (odd K): code 0, e4m3 0.0
     else:
         codes = torch.empty(m, kc, dtype=torch.int8, device=dev) if kc == k else \
             torch.zeros(m, kc, dtype=torch.int8, device=dev)
@@ -584,7 +611,7 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
         EXACT_DIV=bool(exact_div), USE_LIBDEVICE=not _INTERPRET and libdevice is not None, HOIST=bool(hoist),
         SPLIT=layout == "split", FP8=bool(fp8), ROUND_E4M3=_INTERPRET, EVEN=k == nbp * bs,
         G=plan.shuffle_piece if pmode == PERM_MODES["transpose"] else 1,  # (other modes: no extra specialization)
-        PREFETCH=bool(prefetch),
+        PREFETCH=bool(prefetch), FP8_SUM=bool(fp8 and rowsum is not None),
         num_warps=warps, **flags,
     )
     return codes, scale, zero, rowsum
@@ -659,8 +686,8 @@ def _launch_chunked(x, plan, codes, scale, zero, rowsum, symmetric, clip, layout
         float(clip), int(plan.last_block),
         RC=chunk, NBP=nbp, BS=bs, SYMMETRIC=bool(symmetric), DOT=PRECISIONS[precision], EXACT_DIV=bool(exact_div),
         USE_LIBDEVICE=not _INTERPRET and libdevice is not None, SPLIT=layout == "split", FP8=bool(fp8),
-        ROUND_E4M3=_INTERPRET, EVEN=k == nbp * bs, OP_DTYPE=op[1], num_warps=warps,
-        **flags,
+        ROUND_E4M3=_INTERPRET, EVEN=k == nbp * bs, OP_DTYPE=op[1], FP8_SUM=bool(fp8 and rowsum is not None),
+        num_warps=warps, **flags,
     )
     return codes, scale, zero, rowsum
 

@@ -25,6 +25,11 @@ import triton
 import triton.language as tl
 
 W_INT8, W_UINT8, W_INT4 = 0, 1, 2
+# packed int4 weights x FP8 e4m3 activations (formats/int4_fp8.py): a nibble n in a byte's low bits, read as e4m3,
+# is exactly n * 2^-9 (subnormal below 8, exponent field 1 from 8 to 15), so the unpack is W_INT4's mask / shift
+# plus a bitcast, the MMA runs on FP8 tensor cores (float32 accumulation), and 2^9 joins the epilogue
+W_INT4_FP8 = 3
+NIBBLE_E4M3 = 512.0  # (the kernels' literal 512.0)
 
 
 def _cfg(bm, bn, bk, warps, stages, group_m=8):
@@ -76,6 +81,12 @@ def _nibble_hi(p, USE_ASM: tl.constexpr):
     else:
         r = (p >> 4).to(tl.int8)
     return r
+
+
+@triton.jit
+def _nibble_e4m3(n):
+    """int8 nibble codes 0..15 -> the same bytes as e4m3: n * 2^-9 exactly (``W_INT4_FP8``)."""
+    return n.to(tl.float8e4nv, bitcast=True)
 
 
 @triton.jit
@@ -153,7 +164,7 @@ def _gemm_nt_kernel(
     offs_n = pid_n * BN + tl.arange(0, BN)
     am = (offs_m % M).to(tl.int64)
     wn = (offs_n % N).to(tl.int64)
-    if GROUPED:
+    if GROUPED or W_KIND == 3:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
     else:
         acc = tl.zeros((BM, BN), dtype=tl.int32)
@@ -161,7 +172,19 @@ def _gemm_nt_kernel(
         BKE: tl.constexpr = GS
     else:
         BKE: tl.constexpr = BK
-    if W_KIND == 2:
+    if W_KIND == 3:  # packed int4 x FP8 (per-channel weights only)
+        BKH3: tl.constexpr = BKE // 2
+        kk = tl.arange(0, BKH3)
+        for it in range(0, tl.cdiv(KH, BKH3)):
+            j = it * BKH3 + kk
+            a_lo = tl.load(x_ptr + am[:, None] * stride_xm + j[None, :], mask=(j < KH)[None, :], other=0.0)
+            a_hi = tl.load(x_ptr + am[:, None] * stride_xm + (KH + j)[None, :], mask=(j < K // 2)[None, :],
+                           other=0.0)
+            p = tl.load(w_ptr + wn[None, :] * stride_wn + j[:, None], mask=(j < KH)[:, None], other=0)
+            acc = tl.dot(a_lo, _nibble_e4m3(_nibble_lo(p, USE_ASM)), acc)
+            acc = tl.dot(a_hi, _nibble_e4m3(_nibble_hi(p, USE_ASM)), acc)
+        acc = acc * 512.0
+    elif W_KIND == 2:
         BKH: tl.constexpr = BKE // 2
         kk = tl.arange(0, BKH)
         khi = K // 2
@@ -220,7 +243,7 @@ def _gemm_swap_kernel(
     offs_n = pid_n * BN + tl.arange(0, BN)
     am = (offs_m % M).to(tl.int64)
     wn = (offs_n % N).to(tl.int64)
-    if GROUPED:
+    if GROUPED or W_KIND == 3:
         acc = tl.zeros((BN, BM), dtype=tl.float32)
     else:
         acc = tl.zeros((BN, BM), dtype=tl.int32)
@@ -228,7 +251,19 @@ def _gemm_swap_kernel(
         BKE: tl.constexpr = GS
     else:
         BKE: tl.constexpr = BK
-    if W_KIND == 2:
+    if W_KIND == 3:  # packed int4 x FP8 (per-channel weights only)
+        BKH3: tl.constexpr = BKE // 2
+        kk = tl.arange(0, BKH3)
+        for it in range(0, tl.cdiv(KH, BKH3)):
+            j = it * BKH3 + kk
+            p = tl.load(w_ptr + wn[:, None] * stride_wn + j[None, :], mask=(j < KH)[None, :], other=0)
+            x_lo = tl.load(x_ptr + am[:, None] * stride_xm + j[None, :], mask=(j < KH)[None, :], other=0.0)
+            x_hi = tl.load(x_ptr + am[:, None] * stride_xm + (KH + j)[None, :], mask=(j < K // 2)[None, :],
+                           other=0.0)
+            acc = tl.dot(_nibble_e4m3(_nibble_lo(p, USE_ASM)), tl.trans(x_lo), acc)
+            acc = tl.dot(_nibble_e4m3(_nibble_hi(p, USE_ASM)), tl.trans(x_hi), acc)
+        acc = acc * 512.0
+    elif W_KIND == 2:
         BKH: tl.constexpr = BKE // 2
         kk = tl.arange(0, BKH)
         khi = K // 2
@@ -280,7 +315,7 @@ if os.environ.get("DUQUANT_GEMM_QUICK") == "1" or os.environ.get("TRITON_INTERPR
 def _tma_block_shapes(nargs):
     """Autotune pre-hook: the descriptors' tiles follow the configuration (x: [BM, BK'], w: [BN, BK'], with BK'
     = BK // 2 for packed int4 weights: bytes of a row and codes of one half of x)."""
-    bk = nargs["BK"] // 2 if nargs["W_KIND"] == W_INT4 else nargs["BK"]
+    bk = nargs["BK"] // 2 if nargs["W_KIND"] in (W_INT4, W_INT4_FP8) else nargs["BK"]
     nargs["x_desc"].block_shape = [nargs["BM"], bk]
     nargs["w_desc"].block_shape = [nargs["BN"], bk]
 
@@ -306,15 +341,24 @@ def _gemm_swap_tma_kernel(
     num_m = tl.cdiv(M, BM)
     pid_m = pid % num_m
     pid_n = pid // num_m
-    acc = tl.zeros((BN, BM), dtype=tl.int32)
-    if W_KIND == 2:
+    if W_KIND == 3:
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BN, BM), dtype=tl.int32)
+    if W_KIND >= 2:
         BKH: tl.constexpr = BK // 2
         for it in range(0, tl.cdiv(KH, BKH)):
             p = w_desc.load([pid_n * BN, it * BKH])
             x_lo = x_desc.load([pid_m * BM, it * BKH])
             x_hi = x_desc.load([pid_m * BM, KH + it * BKH])
-            acc = tl.dot(_nibble_lo(p, USE_ASM), tl.trans(x_lo), acc, out_dtype=tl.int32)
-            acc = tl.dot(_nibble_hi(p, USE_ASM), tl.trans(x_hi), acc, out_dtype=tl.int32)
+            if W_KIND == 3:
+                acc = tl.dot(_nibble_e4m3(_nibble_lo(p, USE_ASM)), tl.trans(x_lo), acc)
+                acc = tl.dot(_nibble_e4m3(_nibble_hi(p, USE_ASM)), tl.trans(x_hi), acc)
+            else:
+                acc = tl.dot(_nibble_lo(p, USE_ASM), tl.trans(x_lo), acc, out_dtype=tl.int32)
+                acc = tl.dot(_nibble_hi(p, USE_ASM), tl.trans(x_hi), acc, out_dtype=tl.int32)
+        if W_KIND == 3:
+            acc = acc * 512.0
     else:
         for it in range(0, tl.cdiv(K, BK)):
             w = w_desc.load([pid_n * BN, it * BK])
@@ -354,7 +398,7 @@ class GemmWeight:
 
     @property
     def act_layout(self) -> str:
-        return "split" if self.kind == W_INT4 else "natural"
+        return "split" if self.kind in (W_INT4, W_INT4_FP8) else "natural"
 
     def num_bytes(self) -> int:
         ts = [self.data, self.scale, self.zero, self.colsum] + ([self.bias] if self.bias is not None else [])
@@ -371,8 +415,11 @@ def _mb(m: int) -> int:
 def int_gemm(codes: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor | None, rowsum: torch.Tensor, w: GemmWeight,
              out_dtype: torch.dtype = torch.bfloat16, variant: str | None = None) -> list[torch.Tensor]:
     """codes int8 [M, Kc] from the activation kernel (split order for int4 weights) -> one [M, n_i] tensor per
-    member of ``w.splits``."""
+    member of ``w.splits``. ``W_INT4_FP8`` weights: e4m3 codes in split order, ``rowsum`` the float32 sum of
+    each token's e4m3 values (the weight zero point's term), zx None."""
     m = codes.shape[0]
+    if w.kind == W_INT4_FP8 and (w.group_size is not None or zx is not None or codes.dtype != torch.float8_e4m3fn):
+        raise ValueError("int4 x FP8 GEMM: per-channel weights, symmetric e4m3 activation codes (zx None) only")
     outs = [torch.empty(m, n, dtype=out_dtype, device=codes.device) for n in w.splits]
     if m == 0:
         return outs
