@@ -435,8 +435,9 @@ def group_transform(names: list[str], modules: dict[str, nn.Linear], stats: Laye
                     config: DuQuantConfig, transforms: dict | None = None) -> LayerTransform:
     """The transform shared by `names`, from `transforms` (a cache: the report reuses one transform across
     bit widths and parts built from the same statistics) or built now, on the statistics' device."""
+    refine = refine_settings(names, config, stats)
     key = (config.method, tuple(names), config.block_size, config.smoothing_alpha, config.rotation_steps,
-           config.permute, _seed_for(config, names[0]), id(stats))
+           config.permute, _seed_for(config, names[0]), id(stats), refine)
     if transforms is not None and key in transforms:
         return transforms[key][0]
     w_cat = torch.cat([modules[n].weight.detach().float() for n in names])
@@ -445,9 +446,27 @@ def group_transform(names: list[str], modules: dict[str, nn.Linear], stats: Laye
         act_sample=stats.sample if stats is not None else None, block_size=config.block_size,
         alpha=config.smoothing_alpha, steps=config.rotation_steps, permute=config.permute,
         seed=_seed_for(config, names[0]))
+    if refine is not None:
+        from duquant.rotation_refine import refine_rotations
+
+        transform = refine_rotations(transform, w_cat, stats.sample, seed=_seed_for(config, names[0]), **refine)
     if transforms is not None:
         transforms[key] = (transform, stats)  # holding `stats` keeps its id from being reused
     return transform
+
+
+def refine_settings(names: list[str], config: DuQuantConfig, stats: LayerStats | None) -> dict | None:
+    """The keyword arguments of ``rotation_refine.refine_rotations`` for a group (the quantizers of its first
+    member's format), or None when its rotations are not refined: ``rotation_refine_steps`` 0, a method other
+    than duquant, no calibration sample, or a format without integer weights and integer (or float) activations."""
+    if config.rotation_refine_steps <= 0 or config.method != "duquant" or stats is None or stats.sample is None:
+        return None
+    fmt = config.layer_format_spec(names[0])
+    if not integer_weights(fmt) or not (fmt.abits == 16 or fmt.activations.startswith("int")):
+        return None
+    return dict(steps=config.rotation_refine_steps, wbits=fmt.wbits, abits=fmt.abits,
+                act_clip=config.activation_clip_for(fmt.abits), w_clip=config.weight_clip(fmt.wbits),
+                w_symmetric=config.w_symmetric, act_symmetric=config.act_symmetric)
 
 
 def transformed_hessian(transform: LayerTransform, stats: LayerStats | None, x_t: torch.Tensor | None

@@ -121,6 +121,9 @@ class DuQuantConfig:
     row_rot: str = "0"
     alpha: float | None = None  # smoothing strength (LS); None: 0.6 for duquant, 0.5 for smoothquant
     rotation_steps: int = 256
+    # Adam steps refining each duquant group's greedy block rotations on its calibration sample by the quantized
+    # output error (duquant.rotation_refine; 0 = off, the greedy transform as it is)
+    rotation_refine_steps: int = 0
     w_symmetric: bool = False
     w_clip: float | None = None  # None: 0.8 (paper) for <= 4 bits, 1.0 for 8 bits
     w_group_size: int | None = None
@@ -199,6 +202,9 @@ class DuQuantConfig:
                               "the per-token dynamic clip: drop OPENPI_DUQUANT_ACT_PCT / ACT_STATIC, or the search")
         if self.rotation_steps < 0:
             raise ConfigError("rotation steps must be >= 0 (OPENPI_DUQUANT_STEPS / --rotation-steps)")
+        if self.rotation_refine_steps < 0:
+            raise ConfigError("rotation refinement steps must be >= 0, 0 = off (OPENPI_DUQUANT_ROTATION_REFINE_STEPS / "
+                              "--rotation-refine-steps)")
         if self.calib_steps < 1:
             raise ConfigError(f"calibration steps {self.calib_steps} must be >= 1 (OPENPI_DUQUANT_CALIB_STEPS)")
         if self.backend not in BACKENDS:
@@ -405,10 +411,10 @@ class DuQuantConfig:
 _PACK_FIELDS = {"method", "wbits", "abits", "block_size", "block_out", "permute", "row_rot", "alpha", "rotation_steps",
                 "w_symmetric", "w_clip", "w_group_size", "clip_search", "act_symmetric", "act_clip", "act_pct",
                 "act_static", "share_transforms", "seed", "version", "weight_rounding", "gptq_damp",
-                "gptq_act_order", "sequential", "act_clip_search"}
+                "gptq_act_order", "sequential", "act_clip_search", "rotation_refine_steps"}
 # Added after packs were first written: hashed only when not at their default.
 _PACK_FIELDS_SINCE_ROUNDING = {"weight_rounding": "rtn", "gptq_damp": 0.01, "gptq_act_order": False,
-                               "sequential": False, "act_clip_search": False}
+                               "sequential": False, "act_clip_search": False, "rotation_refine_steps": 0}
 
 
 _DEFAULT_WBITS = DuQuantConfig.wbits
@@ -528,6 +534,8 @@ ENV_VARS: dict[str, tuple[str | None, object, str]] = {
     "ACT_CLIP_SEARCH": ("act_clip_search", _bool, "per-token activation clip searched per layer group by output "
                         "error (1/0)"),
     "STEPS": ("rotation_steps", _int, "greedy rotation steps (paper 256)"),
+    "ROTATION_REFINE_STEPS": ("rotation_refine_steps", _int, "Adam steps refining the greedy block rotations by "
+                              "quantized output error on the calibration sample (0 = off)"),
     "WEIGHT_ROUNDING": ("weight_rounding", lambda v, x: x.strip().lower(), f"one of {list(WEIGHT_ROUNDINGS)}"),
     "GPTQ_DAMP": ("gptq_damp", _float, "GPTQ damping, fraction of the mean Hessian diagonal (0.01)"),
     "GPTQ_ACT_ORDER": ("gptq_act_order", _bool, "GPTQ in decreasing Hessian-diagonal order (1/0)"),
@@ -612,6 +620,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                    help="activation clip searched per layer group by output error [ACT_CLIP_SEARCH]")
     g.add_argument("--act-static", action="store_const", const=True, help="static per-tensor act scale [ACT_STATIC]")
     g.add_argument("--rotation-steps", type=int, help="greedy rotation steps (default 256) [STEPS]")
+    g.add_argument("--rotation-refine-steps", type=int,
+                   help="Adam steps refining the greedy block rotations by quantized output error (default 0 = off) "
+                        "[ROTATION_REFINE_STEPS]")
     g.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS,
                    help="rtn (default) | gptq: error-compensating rounding [WEIGHT_ROUNDING]")
     g.add_argument("--gptq-damp", type=float, help="GPTQ damping (default 0.01) [GPTQ_DAMP]")
