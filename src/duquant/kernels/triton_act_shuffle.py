@@ -58,6 +58,17 @@ def _fold_shuffle(y, BR: tl.constexpr, NB: tl.constexpr, G: tl.constexpr, BS: tl
 
 
 @triton.jit
+def _code_dest(blk, i, chan, K: tl.constexpr, BS: tl.constexpr, SPLIT: tl.constexpr):
+    """Where tile element (block blk, column i) is stored in a token's code row: its channel, or in the split order
+    (R2's columns came even-first, folded_matrices: each half-row is one contiguous run)."""
+    if SPLIT:
+        dest = blk[:, None] * (BS // 2) + (i % (BS // 2))[None, :] + (i // (BS // 2))[None, :] * (K // 2)
+    else:
+        dest = chan
+    return dest
+
+
+@triton.jit
 def _gelu_tanh_mul(g, u, OUT_DTYPE: tl.constexpr):
     """gelu(g, approximate="tanh") * u in float32, rounded once to the model's dtype, as the compiled float path
     stores the down projection's input (tanh(z) = 1 - 2 / (exp(2z) + 1): no libdevice needed, also under the
@@ -135,19 +146,17 @@ def _shuffle_act_kernel(
         toks = step * BR + tl.arange(0, BR)
         tm = toks < M
         every = tl.full((1, BS), 1, tl.int1)  # whole blocks: every channel is valid
-        if SPLIT:  # R2's columns came even-first (folded_matrices): each half-row is one contiguous run
-            dest = blk[:, None] * (BS // 2) + (i % (BS // 2))[None, :] + (i // (BS // 2))[None, :] * (K // 2)
-        else:
-            dest = chan
         if FP8:  # e4m3 codes, scale = absmax * clip / 448 per token (formats/fp8.py)
             v, scale = _fp8_codes(y, every, clip, BR, NB, True, ROUND_E4M3, USE_LIBDEVICE)
             vq = v.to(tl.float8e4nv)
+            dest = _code_dest(blk, i, chan, K, BS, SPLIT)
             tl.store(codes_ptr + tok[:, None].to(tl.int64) * stride_cm + dest, vq, mask=tmask[:, None])
             tl.store(scale_ptr + toks, scale, mask=tm)
             if FP8_SUM:  # the sum of the token's e4m3 values (the int4 x FP8 GEMM's weight zero-point term)
                 tl.store(rowsum_ptr + toks, _per_token(tl.sum(vq.to(tl.float32), axis=1), BR, NB, 2), mask=tm)
         else:
             qi, scale, zero = _int8_codes(y, every, clip, BR, NB, True, SYMMETRIC, EXACT_DIV, USE_LIBDEVICE)
+            dest = _code_dest(blk, i, chan, K, BS, SPLIT)
             tl.store(codes_ptr + tok[:, None].to(tl.int64) * stride_cm + dest, qi.to(tl.int8), mask=tmask[:, None])
             tl.store(scale_ptr + toks, scale, mask=tm)
             if not SYMMETRIC:
