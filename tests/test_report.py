@@ -63,16 +63,17 @@ def test_gpu_backend_needs_a_cuda_device(capsys):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
-def test_fake_and_gpu_backends_give_the_same_report_figures(tmp_path):
+@pytest.mark.parametrize("bits", ["w4a8", "w4a8-fp8"])
+def test_fake_and_gpu_backends_give_the_same_report_figures(tmp_path, bits):
     """issue 12: `--backend fake` (torch reference) and `--backend gpu` (Triton kernels) on the same model, data and
     packs: the action error of every row within 10 % of each other (the kernels' fp16 rotations flip a few codes by
     one or two steps; docs/gpu.md), and the same layers and bytes."""
     rows = {}
     for backend in ("fake", "gpu"):
         out = tmp_path / backend
-        assert main(["report", "--parts", "llm,dit", "--methods", "rtn,duquant", "--device", "cuda", "--dtype",
-                     "bfloat16", "--backend", backend, "--out", str(out), "--packdir", str(tmp_path / "packs"),
-                     "--quiet", "--no-plot"]) == 0
+        assert main(["report", "--parts", "llm,dit", "--methods", "rtn,duquant", "--bits", bits, "--device", "cuda",
+                     "--dtype", "bfloat16", "--backend", backend, "--out", str(out), "--packdir",
+                     str(tmp_path / "packs"), "--quiet", "--no-plot"]) == 0
         rows[backend] = json.loads((out / "report.json").read_text())["rows"]
     assert len(rows["fake"]) == len(rows["gpu"]) == 4
     for f, g in zip(rows["fake"], rows["gpu"]):
