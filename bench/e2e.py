@@ -44,6 +44,9 @@ VARIANTS = {
     "w8a8 llm+vision fast": (("llm", "vision"), 8, True, ()),
     "w8a8-fp8 llm fast": (("llm",), "w8a8-fp8", True, ()),
     "w4a8-fp8 llm fast": (("llm",), "w4a8-fp8", True, ()),
+    # the expert too: at batch 16 its products are M = 816 per step (compute-bound), at batch 1 M = 51
+    "w8a8-fp8 llm+expert fast": (("llm", "expert"), "w8a8-fp8", True, ()),
+    "w4a8-fp8 llm+expert fast": (("llm", "expert"), "w4a8-fp8", True, ()),
     "w8a8-fp8 llm w4a16 expert fast": (("llm",), "w8a8-fp8", True, ("expert",)),
 }
 SHUFFLE = " shuffle"  # suffix of a quantized variant: permute=shuffle, not zigzag ("w4a8 llm fast shuffle")
