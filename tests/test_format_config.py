@@ -290,15 +290,17 @@ def test_pi0_tiny_recipe_llm_and_vision_duquant_expert_w4a16(tmp_path, capsys):
 
 def test_report_rows_for_weight_only_and_fp8(tmp_path):
     out = tmp_path / "r"
-    # --format-rows adds w4a16 and w8a8-fp8 to --bits (w4a16 given twice: one set of rows)
+    # --format-rows adds w4a16, w8a8-fp8 and w4a8-fp8 to --bits (w4a16 given twice: one set of rows)
     assert main(["report", "--parts", "dit", "--bits", "w4a16", "--format-rows", "--methods", "rtn,duquant",
                  "--rotation-steps", "8", "--block-size", "32", "--calib-batches", "2", "--eval-batches", "1",
                  "--out", str(out), "--quiet", "--no-plot"]) == 0
     doc = json.loads((out / "report.json").read_text())
     rows = [(r["format"], r["label"]) for r in doc["rows"]]
-    assert rows == [("w4a16", "rtn"), ("w4a16", "rtn+gptq"), ("w8a8-fp8", "rtn"), ("w8a8-fp8", "duquant")]
+    assert rows == [("w4a16", "rtn"), ("w4a16", "rtn+gptq"), ("w8a8-fp8", "rtn"), ("w8a8-fp8", "duquant"),
+                    ("w4a8-fp8", "rtn"), ("w4a8-fp8", "duquant")]
     by = {(r["format"], r["label"]): r for r in doc["rows"]}
     assert by["w8a8-fp8", "duquant"]["format_label"] == "w8a8-fp8 (fp8-e4m3 weights, fp8-e4m3 activations)"
+    assert by["w4a8-fp8", "duquant"]["format_label"] == "w4a8-fp8 (int4 weights, fp8-e4m3 activations)"
     assert by["w4a16", "rtn"]["transform_kinds"] == ["identity"]
     assert by["w4a16", "rtn+gptq"]["action_rel_mse"] < by["w4a16", "rtn"]["action_rel_mse"]
     md = (out / "report.md").read_text()

@@ -78,9 +78,10 @@ PARTS = ("llm", "dit", "vision", "full")
 
 
 # The formats --format-rows adds to --bits: the weight-only w4a16 (no activation transform: one row per weight
-# rounding) and FP8 (every method's transform, e4m3 weights and activations). Not in the default report: the 24
-# extra rows take it from ~31-34 s to ~44-54 s on 2 CPU cores (the default stays under ~40 s).
-FORMAT_ROWS = ("w4a16", "w8a8-fp8")
+# rounding), FP8 (every method's transform, e4m3 weights and activations) and 4-bit weights with FP8 activations
+# (w4a8-fp8). Not in the default report: the w4a16 and w8a8-fp8 rows alone took it from ~31-34 s to ~44-54 s on 2
+# CPU cores (the default stays under ~40 s).
+FORMAT_ROWS = ("w4a16", "w8a8-fp8", "w4a8-fp8")
 # Weight roundings of the rows when --weight-roundings is not given: a weight-only format has no transform to
 # compare, so its rows compare the roundings; a non-integer format (fp8) has its own rounding only.
 WEIGHT_ONLY_ROUNDINGS = ("rtn", "gptq")
@@ -357,10 +358,11 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts of {list(PARTS)}")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated methods of {list(METHODS)}")
     p.add_argument("--bits", default="w4a8",
-                   help="comma-separated formats, e.g. w4a8,w4a4,w8a8,w4a16,w8a8-fp8 (default w4a8)")
+                   help="comma-separated formats, e.g. w4a8,w4a4,w8a8,w4a16,w8a8-fp8,w4a8-fp8 (default w4a8)")
     p.add_argument("--format-rows", action="store_true",
                    help=f"add the rows of {', '.join(FORMAT_ROWS)} (weight-only: rtn and gptq rounding; fp8: every "
-                        "method) to --bits (pi0 report; 24 rows, ~11-20 s more on 2 CPU cores)")
+                        "method) to --bits (pi0 report: 40 rows; the 24 of w4a16 and w8a8-fp8 took ~11-20 s more on 2 "
+                        "CPU cores)")
     p.add_argument("--weight-roundings", default=None,
                    help=f"comma-separated weight roundings of {list(registry.ROUNDINGS)} (default rtn; weight-only "
                         "formats such as w4a16: rtn,gptq)")
