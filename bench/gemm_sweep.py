@@ -1,8 +1,8 @@
 # ruff: noqa: B023  (timed lambdas run before the loop moves on)
-"""Launch configurations of the integer GEMMs (``kernels/triton_gemm.py``; nt, swap and the TMA variant swap-tma,
-autotuned) on the LLM's large shapes, beside bf16 cuBLAS and torch's FP8 ``_scaled_mm``: where the W4A8 product
-loses to bf16 at M = 816, is it the tile shape, the pipeline depth, or the int4 unpack (compare the int8 x int8
-rows, which have no unpack)?
+"""Launch configurations of the integer GEMMs (``kernels/triton_gemm.py``; nt, swap and the TMA variants swap-tma
+and swap-tma-persistent, autotuned) on the LLM's large shapes, beside bf16 cuBLAS and torch's FP8 ``_scaled_mm``:
+where the W4A8 product loses to bf16 at M = 816, is it the tile shape, the pipeline depth, or the int4 unpack
+(compare the int8 x int8 rows, which have no unpack)?
 
 Every configuration is checked against the float reference before it is timed (L2 flushed before each call,
 CUDA-graph replays, ``kernel_bench.timeit``); a configuration that does not compile or fit is listed as skipped.
@@ -56,7 +56,7 @@ def sweep(m: int, k: int, n: int, failures: list[str]) -> list[dict]:
         ref = ((codes.float() - zx[:, None]) * sx[:, None]) @ deq.T
         out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
         grids = [("swap", c) for c in SWAP_GRID] + ([("nt", c) for c in NT_GRID] if wbits == 8 else [])
-        tuned = [("autotuned swap", (None,) * 5), ("autotuned nt", (None,) * 5), ("autotuned swap-tma", (None,) * 5)]
+        tuned = [(f"autotuned {v}", (None,) * 5) for v in tg.VARIANTS]
         for variant, (b_first, b_second, bk, warps, stages) in tuned + grids:
             if variant.startswith("autotuned"):
                 v = variant.split()[1]
@@ -105,7 +105,9 @@ def _int4_fp8_rows(m: int, k: int, n: int, base: dict, failures: list[str]) -> l
     ref = (codes.float() * sx[:, None]) @ deq.T
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     rows = []
-    for v in tg.auto_candidates(xin, w):
+    for v in tg.VARIANTS:
+        if v in tg.TMA_VARIANTS and tg.tma_cannot_run(xin, w):
+            continue
         def launch(v=v):
             tg._launch(v, xin, sx, None, rs, w, [out])
         us = kernel_bench.check_then_time(f"w4a8-fp8 {v} {m}x{k}x{n}", launch, out, ref,

@@ -5,6 +5,8 @@ int32, and FP8 e4m3 x e4m3 -> float32 (Triton's fast accumulation, and promoted 
 cuBLAS bf16, cuBLAS FP8 (``_scaled_mm``) and cuBLAS int8 (``torch._int_mm``), on the LLM's large shapes. If
 Triton's FP8 mainloop is much faster than its int8 one, 4-bit weights should be widened to FP8 (every int4 code is
 exact in e4m3) with FP8 activations; if cuBLAS int8 is near cuBLAS FP8, the int8 gap is Triton's code generation.
+The persistent rows (one program per multiprocessor, tile loop flattened with the K loop) ask whether overlapping
+a tile's epilogue with the next tile's loads closes the rest of the gap to cuBLAS.
 
 Every configuration is checked against the float reference first (``kernel_bench.check_then_time``).
 
@@ -61,7 +63,36 @@ def _kernel():
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(tl.float32).to(tl.bfloat16), mask)
 
-    return probe_gemm
+    @triton.jit
+    def probe_gemm_persistent(a_desc, b_desc, c_ptr, M, N, K, stride_cm, INT: tl.constexpr, NUM_SMS: tl.constexpr,
+                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+        """probe_gemm (fast accumulation) as a persistent kernel, tile loop flattened with the K loop."""
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(N, BN)
+        for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
+            group = GROUP_M * num_n
+            first_m = (tile // group) * GROUP_M
+            size_m = min(num_m - first_m, GROUP_M)
+            pid_m = first_m + (tile % group) % size_m
+            pid_n = (tile % group) // size_m
+            if INT:
+                acc = tl.zeros((BM, BN), dtype=tl.int32)
+            else:
+                acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for it in range(0, tl.cdiv(K, BK)):
+                a = a_desc.load([pid_m * BM, it * BK])
+                b = b_desc.load([pid_n * BN, it * BK])
+                if INT:
+                    acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+                else:
+                    acc = tl.dot(a, tl.trans(b), acc)
+            offs_m = pid_m * BM + tl.arange(0, BM)
+            offs_n = pid_n * BN + tl.arange(0, BN)
+            mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+            tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(tl.float32).to(tl.bfloat16),
+                     mask)
+
+    return probe_gemm, probe_gemm_persistent
 
 
 def _w4_kernel():
@@ -152,7 +183,8 @@ def probe(m: int, k: int, n: int, failures: list[str]) -> list[dict]:
     import triton
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    kern = _kernel()
+    kern, kern_persistent = _kernel()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     base = {"M": m, "K": k, "N": n}
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
@@ -170,7 +202,8 @@ def probe(m: int, k: int, n: int, failures: list[str]) -> list[dict]:
         failures.append(f"torch._int_mm {m}x{k}x{n}: {str(e)[:200]}")
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     cases = (("bf16", x, wb, False, 0), ("int8", xi, wi, True, 0), ("fp8 fast accum", xf, wf, False, 0),
-             ("fp8 promoted every 64", xf, wf, False, 64))
+             ("fp8 promoted every 64", xf, wf, False, 64), ("int8 persistent", xi, wi, True, -1),
+             ("fp8 fast accum persistent", xf, wf, False, -1))
     for name, a, b, is_int, promote in cases:
         ref = a.double() @ b.double().T
         best = None
@@ -179,9 +212,14 @@ def probe(m: int, k: int, n: int, failures: list[str]) -> list[dict]:
             b_desc = TensorDescriptor.from_tensor(b, [bn, bk])
 
             def launch(a_desc=a_desc, b_desc=b_desc, bm=bm, bn=bn, bk=bk, warps=warps, stages=stages):
-                grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-                kern[grid](a_desc, b_desc, out, m, n, k, out.stride(0), INT=is_int, PROMOTE=promote, BM=bm, BN=bn,
-                           BK=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+                tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+                if promote < 0:  # persistent, fast accumulation
+                    kern_persistent[(min(tiles, sms),)](a_desc, b_desc, out, m, n, k, out.stride(0), INT=is_int,
+                                                        NUM_SMS=sms, BM=bm, BN=bn, BK=bk, GROUP_M=8,
+                                                        num_warps=warps, num_stages=stages)
+                else:
+                    kern[(tiles,)](a_desc, b_desc, out, m, n, k, out.stride(0), INT=is_int, PROMOTE=promote, BM=bm,
+                                   BN=bn, BK=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
             cfg = f"BM={bm} BN={bn} BK={bk} w={warps} s={stages}"
             us = kernel_bench.check_then_time(f"triton {name} {cfg} {m}x{k}x{n}", launch, out, ref,
                                               lambda: kernel_bench.timeit(launch), failures)

@@ -81,7 +81,7 @@ _SCRIPT = PREAMBLE + textwrap.dedent("""
     from duquant.kernels import reference, _gemm_weight
     from duquant.kernels.triton_act import build_act_plan
     from duquant.kernels.triton_act_tile import act_quant_tile
-    from duquant.kernels.triton_gemm import W_INT4_FP8, int_gemm, tma_cannot_run
+    from duquant.kernels.triton_gemm import TMA_VARIANTS, VARIANTS, W_INT4_FP8, int_gemm, tma_cannot_run
     from duquant.layers import DuQuantLinear
     from duquant.random_layers import random_activations, random_group, random_transform
     from duquant.formats.int4_fp8 import Int4Fp8Group
@@ -121,16 +121,16 @@ _SCRIPT = PREAMBLE + textwrap.dedent("""
                                          fp8_sum=True)
         w = _gemm_weight(layers, share_storage=False, kind=W_INT4_FP8)
         assert w.act_layout == "split"
-        for variant in ("nt", "swap", "swap-tma"):
-            if variant == "swap-tma" and tma_cannot_run(codes, w):
+        for variant in VARIANTS:
+            if variant in TMA_VARIANTS and tma_cannot_run(codes, w):
                 continue
-            tma_ran += variant == "swap-tma"
+            tma_ran += variant in TMA_VARIANTS
             ys = int_gemm(codes, sx, None, rs, w, out_dtype=torch.float32, variant=variant)
             for layer, y in zip(layers, ys):
                 ref = reference.int_gemm(nat.float(), sx, None, reference.int_weight_from_layer(layer), layer.bias)
                 err = float((y - ref).abs().max() / ref.abs().max())
                 assert err < 1e-5, (k, variant, err)
-    assert tma_ran == 2, tma_ran  # K = 70: 35-byte weight rows, no TMA
+    assert tma_ran == 4, tma_ran  # two shapes x two TMA variants (K = 70: 35-byte weight rows, no TMA)
 
     # the format's gpu group (q/k/v sharing one input) against the format's reference on the kernel's codes
     torch.manual_seed(0)
@@ -160,13 +160,15 @@ def test_int4_fp8_kernels_compile_for_sm90():
     every autotune configuration; the folded activation kernel in the split FP8 mode with code sums fits."""
     pytest.importorskip("triton")
     from duquant.kernels.aot import shuffle_kernel_report, tma_gemm_report
-    from duquant.kernels.triton_gemm import _TMA_CONFIGS, W_INT4_FP8
+    from duquant.kernels.triton_gemm import _TMA_CONFIGS, _TMA_PERSISTENT_CONFIGS, W_INT4_FP8
 
-    for c in _TMA_CONFIGS:
-        kw = c.kwargs
-        rep = tma_gemm_report(kw["BM"], kw["BN"], kw["BK"], c.num_warps, c.num_stages, w_kind=W_INT4_FP8)
-        assert rep["spill_bytes"] == 0 and rep["registers"] <= 255, (kw, rep)
-        assert rep["tma_copies"] >= 3 * c.num_stages and rep["wgmma"] >= 1, (kw, rep)
+    for configs, persistent in ((_TMA_CONFIGS, False), (_TMA_PERSISTENT_CONFIGS, True)):
+        for c in configs:
+            kw = c.kwargs
+            rep = tma_gemm_report(kw["BM"], kw["BN"], kw["BK"], c.num_warps, c.num_stages, w_kind=W_INT4_FP8,
+                                  persistent=persistent)
+            assert rep["spill_bytes"] == 0 and rep["registers"] <= 255, (kw, persistent, rep)
+            assert rep["tma_copies"] >= 3 * c.num_stages and rep["wgmma"] >= 1, (kw, persistent, rep)
     rep = shuffle_kernel_report(4, 16, 4, fp8=True, split=True, FP8_SUM=True)
     assert rep["spill_bytes"] == 0 and rep["registers"] <= 255, rep
 

@@ -79,7 +79,7 @@ _INTERP_SCRIPT = PREAMBLE + textwrap.dedent("""
     from duquant.kernels import reference
     from duquant.random_layers import random_group, random_activations
     from duquant.kernels.triton_act import act_quant, build_act_plan
-    from duquant.kernels.triton_gemm import int_gemm, tma_cannot_run
+    from duquant.kernels.triton_gemm import TMA_VARIANTS, VARIANTS, int_gemm, tma_cannot_run
     from duquant.kernels import _gemm_weight
     tma_ran = 0
     for (k, outs, wbits, wsym, gs, asym, method, bs) in [
@@ -100,16 +100,16 @@ _INTERP_SCRIPT = PREAMBLE + textwrap.dedent("""
         assert torch.allclose(sx, rsx, rtol=1e-5)
         assert torch.equal(rs, reference.code_row_sums(codes))
         nat = act_quant(x, plan, symmetric=asym, clip=0.9, layout="natural", precision="ieee")[0]
-        for variant in ("nt", "swap", "swap-tma"):
-            if variant == "swap-tma" and tma_cannot_run(codes, w):
+        for variant in VARIANTS:
+            if variant in TMA_VARIANTS and tma_cannot_run(codes, w):
                 continue  # group scales, or rows that are not 16-byte multiples (K = 70 in int4: 35 bytes)
-            tma_ran += variant == "swap-tma"
+            tma_ran += variant in TMA_VARIANTS
             ys = int_gemm(codes, sx, zx, rs, w, out_dtype=torch.float32, variant=variant)
             for layer, y in zip(layers, ys):
                 ref = reference.int_gemm(nat, sx, zx, reference.int_weight_from_layer(layer), layer.bias)
                 err = float((y - ref).abs().max() / ref.abs().max())
                 assert err < 1e-5, (k, variant, err)
-    assert tma_ran == 2, tma_ran  # int4 (K = 96, two fused outputs) and uint8 (K = 80) through TMA descriptors
+    assert tma_ran == 4, tma_ran  # int4 (K = 96, two fused outputs) and uint8 (K = 80), each TMA variant
     print("INTERPRETER OK")
 """)
 
@@ -119,7 +119,7 @@ def test_triton_kernels_under_interpreter():
 
 
 def test_auto_times_the_tma_variant_only_where_it_can_run():
-    """auto's candidates: nt and swap always; swap-tma for per-channel weights on 16-byte aligned rows only (the
+    """auto's candidates: nt and swap always; the TMA variants for per-channel weights on 16-byte aligned rows only (the
     tensor memory accelerator's rule), never for group-wise scales or an offset activation view."""
     pytest.importorskip("triton")
     from duquant.kernels import _gemm_weight
@@ -128,25 +128,29 @@ def test_auto_times_the_tma_variant_only_where_it_can_run():
     per_channel = _gemm_weight(random_group(256, [64], wbits=4, seed=1, steps=1), share_storage=False)
     grouped = _gemm_weight(random_group(256, [64], wbits=4, group_size=128, seed=1, steps=1), share_storage=False)
     codes = torch.zeros(32, 512, dtype=torch.int8)
-    assert auto_candidates(codes[:, :256], per_channel) == ("nt", "swap", "swap-tma")
+    assert auto_candidates(codes[:, :256], per_channel) == ("nt", "swap", "swap-tma")  # persistent: explicit only
     assert auto_candidates(codes[:, :256], grouped) == ("nt", "swap")
     assert auto_candidates(codes[:, 8:264], per_channel) == ("nt", "swap")  # base 8 bytes off 16
 
 
 def test_tma_gemm_compiles_for_sm90_with_pipelined_tma_loads():
-    """The TMA variant's autotune configurations compile for sm_90 on the CPU without spills, and the software
-    pipeline keeps several TMA copies in flight (prologue + loop) for each operand."""
+    """The TMA variants' autotune configurations (one tile per program, and persistent) compile for sm_90 on the
+    CPU without spills, and the software pipeline keeps several TMA copies in flight (prologue + loop) for each
+    operand."""
     pytest.importorskip("triton")
     from duquant.kernels.aot import tma_gemm_report
-    from duquant.kernels.triton_gemm import _TMA_CONFIGS, W_INT4, W_INT8
+    from duquant.kernels.triton_gemm import _TMA_CONFIGS, _TMA_PERSISTENT_CONFIGS, W_INT4, W_INT8
 
     for c in _TMA_CONFIGS:
         kw = c.kwargs
-        for kind in (W_INT4, W_INT8):
-            rep = tma_gemm_report(kw["BM"], kw["BN"], kw["BK"], c.num_warps, c.num_stages, w_kind=kind)
-            assert rep["spill_bytes"] == 0 and rep["registers"] <= 255, (kw, kind, rep)
+        for kind, persistent in ((W_INT4, False), (W_INT8, False), (W_INT4, True)):
+            if persistent and c not in _TMA_PERSISTENT_CONFIGS:
+                continue
+            rep = tma_gemm_report(kw["BM"], kw["BN"], kw["BK"], c.num_warps, c.num_stages, w_kind=kind,
+                                  persistent=persistent)
+            assert rep["spill_bytes"] == 0 and rep["registers"] <= 255, (kw, kind, persistent, rep)
             loads = 3 if kind == W_INT4 else 2  # int4: weights + both halves of x
-            assert rep["tma_copies"] >= loads * c.num_stages and rep["wgmma"] >= 1, (kw, kind, rep)
+            assert rep["tma_copies"] >= loads * c.num_stages and rep["wgmma"] >= 1, (kw, kind, persistent, rep)
 
 
 # ---- GPU ----------------------------------------------------------------------------------------------------------
@@ -188,7 +192,7 @@ GEMM_CASES = [(4, False, None), (4, True, None), (8, False, None), (8, True, Non
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("wbits,w_sym,gs", GEMM_CASES)
-@pytest.mark.parametrize("variant", ["nt", "swap", "swap-tma"])
+@pytest.mark.parametrize("variant", ["nt", "swap", "swap-tma", "swap-tma-persistent"])
 @pytest.mark.parametrize("m,k,outs", [(816, 2048, [2048, 256, 256]), (51, 4096, [1024]), (768, 4304, [1152]),
                                       (33, 1152, [1152, 1152, 1152])])
 def test_gpu_gemm_matches_reference(wbits, w_sym, gs, variant, m, k, outs):
@@ -205,7 +209,7 @@ def test_gpu_gemm_matches_reference(wbits, w_sym, gs, variant, m, k, outs):
     plan = build_act_plan(layers[0].transform, k, "cuda")
     codes, sx, zx, rs = act_quant(x, plan, clip=0.9, layout="natural")
     cg, *_ = act_quant(x, plan, clip=0.9, layout=w.act_layout)
-    if variant == "swap-tma" and tma_cannot_run(cg, w):
+    if variant.startswith("swap-tma") and tma_cannot_run(cg, w):
         pytest.skip(tma_cannot_run(cg, w))
     ys = int_gemm(cg, sx, zx, rs, w, out_dtype=torch.bfloat16, variant=variant)
     for layer, y in zip(layers, ys):

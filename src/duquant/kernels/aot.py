@@ -31,6 +31,9 @@ def compile_report(fn, signature: dict, constexprs: dict, num_warps: int = 4, ar
     sig = dict(signature)
     for name in constexprs:
         sig[name] = "constexpr"
+    order = getattr(fn, "arg_names", None)  # the kernel's parameter order: indices below refer to it
+    if order is not None and set(order) == set(sig):
+        sig = {name: sig[name] for name in order}
     names = list(sig)
     if divisible is None:
         divisible = tuple(k for k, v in signature.items() if v.startswith("*") or k.startswith("stride"))
@@ -138,10 +141,10 @@ def w4a16_kernel_report(impl: str = "natural", bn: int = 64, bm: int = 64, bk: i
 
 
 def tma_gemm_report(bm: int, bn: int, bk: int, num_warps: int, num_stages: int, w_kind: int = 2,
-                    arch: int = 90) -> dict:
+                    arch: int = 90, persistent: bool = False, num_sms: int = 132) -> dict:
     """compile_report of ``triton_gemm._gemm_swap_tma_kernel`` (weights as the MMA's A operand, both operands
     through TMA descriptors) at one launch configuration; ``w_kind`` 2 = packed int4, 0 = int8, 1 = uint8,
-    3 = packed int4 x FP8 activations."""
+    3 = packed int4 x FP8 activations; ``persistent``: ``_gemm_swap_tma_persistent_kernel`` (num_sms programs)."""
     from duquant.kernels import triton_gemm as g
 
     fp8 = w_kind == g.W_INT4_FP8
@@ -155,5 +158,7 @@ def tma_gemm_report(bm: int, bn: int, bk: int, num_warps: int, num_stages: int, 
     cons = dict(W_KIND=w_kind, ASYM_X=not fp8, HAS_BIAS=False, NUM_OUT=1, USE_ASM=True, BM=bm, BN=bn, BK=bk,
                 GROUP_M=8)
     div = tuple(k for k, v in sig.items() if v.startswith("*")) + ("N", "K", "KH", "so0", "so1", "so2")
-    return compile_report(g._gemm_swap_tma_kernel.fn, sig, cons, num_warps=num_warps, arch=arch,
-                          num_stages=num_stages, divisible=div)
+    fn = g._gemm_swap_tma_kernel.fn
+    if persistent:
+        fn, cons["NUM_SMS"] = g._gemm_swap_tma_persistent_kernel.fn, num_sms
+    return compile_report(fn, sig, cons, num_warps=num_warps, arch=arch, num_stages=num_stages, divisible=div)

@@ -322,25 +322,15 @@ def _tma_block_shapes(nargs):
 
 for _c in _TMA_CONFIGS:
     _c.pre_hook = _tma_block_shapes
+# the persistent kernel keeps more alive across its tile loop: 128 x 256 tiles spill there (ptxas, sm_90)
+_TMA_PERSISTENT_CONFIGS = [c for c in _TMA_CONFIGS if c.kwargs["BM"] * c.kwargs["BN"] < 128 * 256]
 
 
-@triton.autotune(configs=_TMA_CONFIGS, key=["MB", "N", "K", "W_KIND"], do_bench=_bench_graph)
 @triton.jit
-def _gemm_swap_tma_kernel(
-    x_desc, w_desc, M, N, K, KH,
-    sx_ptr, zx_ptr, rs_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr,
-    o0, o1, o2, n1, n2, so0, so1, so2, MB,
-    W_KIND: tl.constexpr, ASYM_X: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_OUT: tl.constexpr,
-    USE_ASM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """``_gemm_swap_kernel`` (per-channel weights) with both operands fetched by the Hopper tensor memory
-    accelerator: one descriptor load per tile instead of per-thread addresses and masks, zero fill past the
-    edges. Packed int4: bytes past KH read as 0, so the low half of x may run into the high half's columns (its
-    product with a zero code is 0), and the zero point stays in the epilogue as in the other kernels."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    pid_m = pid % num_m
-    pid_n = pid // num_m
+def _swap_tma_tile(x_desc, w_desc, pid_m, pid_n, K, KH, W_KIND: tl.constexpr, USE_ASM: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """One output tile's mainloop of the TMA variants: acc [BN weight rows, BM tokens] (int32, or float32 for
+    W_INT4_FP8, already scaled by 2^9)."""
     if W_KIND == 3:
         acc = tl.zeros((BN, BM), dtype=tl.float32)
     else:
@@ -365,10 +355,58 @@ def _gemm_swap_tma_kernel(
             if W_KIND == 1:
                 w = _u8_to_s8(w, USE_ASM)
             acc = tl.dot(w, tl.trans(x_desc.load([pid_m * BM, it * BK])), acc, out_dtype=tl.int32)
+    return acc
+
+
+@triton.autotune(configs=_TMA_CONFIGS, key=["MB", "N", "K", "W_KIND"], do_bench=_bench_graph)
+@triton.jit
+def _gemm_swap_tma_kernel(
+    x_desc, w_desc, M, N, K, KH,
+    sx_ptr, zx_ptr, rs_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr,
+    o0, o1, o2, n1, n2, so0, so1, so2, MB,
+    W_KIND: tl.constexpr, ASYM_X: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_OUT: tl.constexpr,
+    USE_ASM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``_gemm_swap_kernel`` (per-channel weights) with both operands fetched by the Hopper tensor memory
+    accelerator: one descriptor load per tile instead of per-thread addresses and masks, zero fill past the
+    edges. Packed int4: bytes past KH read as 0, so the low half of x may run into the high half's columns (its
+    product with a zero code is 0), and the zero point stays in the epilogue as in the other kernels."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    pid_m = pid % num_m
+    pid_n = pid // num_m
+    acc = _swap_tma_tile(x_desc, w_desc, pid_m, pid_n, K, KH, W_KIND, USE_ASM, BM, BN, BK)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     _epilogue(tl.trans(acc), offs_m, offs_n, M, N, sx_ptr, zx_ptr, rs_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr,
               o0, o1, o2, n1, n2, so0, so1, so2, ASYM_X, HAS_BIAS, NUM_OUT, False)
+
+
+@triton.autotune(configs=_TMA_PERSISTENT_CONFIGS, key=["MB", "N", "K", "W_KIND"], do_bench=_bench_graph)
+@triton.jit
+def _gemm_swap_tma_persistent_kernel(
+    x_desc, w_desc, M, N, K, KH,
+    sx_ptr, zx_ptr, rs_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr,
+    o0, o1, o2, n1, n2, so0, so1, so2, MB,
+    W_KIND: tl.constexpr, ASYM_X: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_OUT: tl.constexpr,
+    USE_ASM: tl.constexpr, NUM_SMS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """``_gemm_swap_tma_kernel`` as a persistent kernel: one program per multiprocessor walks the output tiles,
+    and the tile loop is flattened with the K loop (``tl.range(flatten=True)``, Triton's Hopper recipe) so the
+    next tile's TMA loads are in flight during this tile's epilogue, which the one-tile-per-program kernel pays
+    for at every tile (short K loops: the gate+up product has 8-16 K steps per tile)."""
+    start = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_tiles = num_m * tl.cdiv(N, BN)
+    for tile in tl.range(start, num_tiles, NUM_SMS, flatten=True):
+        pid_m = tile % num_m
+        pid_n = tile // num_m
+        acc = _swap_tma_tile(x_desc, w_desc, pid_m, pid_n, K, KH, W_KIND, USE_ASM, BM, BN, BK)
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        _epilogue(tl.trans(acc), offs_m, offs_n, M, N, sx_ptr, zx_ptr, rs_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr,
+                  o0, o1, o2, n1, n2, so0, so1, so2, ASYM_X, HAS_BIAS, NUM_OUT, False)
 
 
 # ---- host side ----------------------------------------------------------------------------------------------------
@@ -430,7 +468,7 @@ def int_gemm(codes: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor | None, row
         if variant is None:
             variant = _pick_variant(codes, sx, zx, rowsum, w, outs)
             _VARIANT_CACHE[key] = variant
-        if variant == "swap-tma" and tma_cannot_run(codes, w):
+        if variant in TMA_VARIANTS and tma_cannot_run(codes, w):
             variant = "swap"  # picked on aligned operands; these are not (a sliced, offset activation)
     _launch(variant, codes, sx, zx, rowsum, w, outs)
     return outs
@@ -438,7 +476,7 @@ def int_gemm(codes: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor | None, row
 
 def auto_candidates(codes: torch.Tensor, w: GemmWeight) -> tuple[str, ...]:
     """The variants ``auto`` times for these operands: every one that can run them."""
-    return tuple(v for v in VARIANTS if v != "swap-tma" or not tma_cannot_run(codes, w))
+    return tuple(v for v in AUTO_VARIANTS if v not in TMA_VARIANTS or not tma_cannot_run(codes, w))
 
 
 def _pick_variant(codes, sx, zx, rowsum, w, outs) -> str:
@@ -449,8 +487,12 @@ def _pick_variant(codes, sx, zx, rowsum, w, outs) -> str:
     return min(times, key=times.get)
 
 
-# swap-tma joined "auto" after the sixth session's sweep (H200, f10cc29): gate+up W4A8 143 -> 121 us, down 70 -> 66
-VARIANTS = ("nt", "swap", "swap-tma")
+# swap-tma joined "auto" after the sixth session's sweep (H200, f10cc29): gate+up W4A8 143 -> 121 us, down 70 -> 66.
+# swap-tma-persistent (sixth session) is explicit only (DUQUANT_GEMM_VARIANT) until its GPU tests have run: "auto"
+# would pick it wherever it is faster, so it must be known correct first
+TMA_VARIANTS = ("swap-tma", "swap-tma-persistent")
+VARIANTS = ("nt", "swap", *TMA_VARIANTS)
+AUTO_VARIANTS = ("nt", "swap", "swap-tma")
 
 
 def tma_cannot_run(codes: torch.Tensor, w: GemmWeight) -> str | None:
@@ -464,7 +506,19 @@ def tma_cannot_run(codes: torch.Tensor, w: GemmWeight) -> str | None:
     return None
 
 
-def _launch_tma(codes, sx, zx, rowsum, w: GemmWeight, o, n1, n2, num_out):
+_SMS: dict[str, int] = {}
+
+
+def _num_sms(device) -> int:
+    if not _USE_ASM or torch.device(device).type != "cuda":
+        return 4  # under the interpreter: a few programs, each walking several tiles
+    key = str(device)
+    if key not in _SMS:
+        _SMS[key] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[key]
+
+
+def _launch_tma(codes, sx, zx, rowsum, w: GemmWeight, o, n1, n2, num_out, persistent: bool = False):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     why = tma_cannot_run(codes, w)
@@ -474,16 +528,21 @@ def _launch_tma(codes, sx, zx, rowsum, w: GemmWeight, o, n1, n2, num_out):
     # block shapes are placeholders: the autotuner's pre-hook sets them per configuration
     x_desc = TensorDescriptor.from_tensor(codes, [16, 32])
     w_desc = TensorDescriptor.from_tensor(w.data, [16, 32])
+    sms = _num_sms(codes.device)
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BM"]) * triton.cdiv(w.N, meta["BN"]),)
+        tiles = triton.cdiv(m, meta["BM"]) * triton.cdiv(w.N, meta["BN"])
+        return (min(tiles, sms),) if persistent else (tiles,)
 
-    _gemm_swap_tma_kernel[grid](
-        x_desc, w_desc, m, w.N, w.K, w.KH, sx, zx if zx is not None else sx, rowsum, w.scale, w.zero, w.colsum,
-        w.bias if w.bias is not None else sx, o[0], o[1], o[2], n1, n2, o[0].stride(0), o[1].stride(0),
-        o[2].stride(0), _mb(m), W_KIND=w.kind, ASYM_X=zx is not None, HAS_BIAS=w.bias is not None,
-        NUM_OUT=num_out, USE_ASM=_USE_ASM,
-    )
+    args = (x_desc, w_desc, m, w.N, w.K, w.KH, sx, zx if zx is not None else sx, rowsum, w.scale, w.zero, w.colsum,
+            w.bias if w.bias is not None else sx, o[0], o[1], o[2], n1, n2, o[0].stride(0), o[1].stride(0),
+            o[2].stride(0), _mb(m))
+    flags = dict(W_KIND=w.kind, ASYM_X=zx is not None, HAS_BIAS=w.bias is not None, NUM_OUT=num_out,
+                 USE_ASM=_USE_ASM)
+    if persistent:
+        _gemm_swap_tma_persistent_kernel[grid](*args, NUM_SMS=sms, **flags)
+    else:
+        _gemm_swap_tma_kernel[grid](*args, **flags)
 
 
 def _launch(variant, codes, sx, zx, rowsum, w: GemmWeight, outs):
@@ -495,8 +554,8 @@ def _launch(variant, codes, sx, zx, rowsum, w: GemmWeight, outs):
         raise ValueError(f"unknown GEMM variant {variant!r} ({', '.join(VARIANTS)}, auto)")
     if len(outs) > 3:
         raise ValueError("at most three fused outputs")
-    if variant == "swap-tma":
-        return _launch_tma(codes, sx, zx, rowsum, w, o, n1, n2, len(outs))
+    if variant in TMA_VARIANTS:
+        return _launch_tma(codes, sx, zx, rowsum, w, o, n1, n2, len(outs), persistent=variant != "swap-tma")
     kernel = _gemm_nt_kernel if variant == "nt" else _gemm_swap_kernel
 
     def grid(meta):
