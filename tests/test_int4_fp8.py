@@ -32,10 +32,8 @@ def _round_to_e4m3(v: torch.Tensor) -> torch.Tensor:
 def test_a_nibble_read_as_e4m3_is_n_times_2_to_minus_9():
     """The identity the int4 x FP8 GEMM rests on: byte n (0..15) is the e4m3 number n / 512 exactly (subnormal
     m / 8 * 2^-6 below 8; exponent field 1, (1 + m / 8) * 2^-6 from 8 to 15)."""
-    from duquant.kernels.triton_gemm import NIBBLE_E4M3
-
     n = torch.arange(16, dtype=torch.uint8)
-    assert torch.equal(n.view(torch.float8_e4m3fn).float() * NIBBLE_E4M3, n.float())
+    assert torch.equal(n.view(torch.float8_e4m3fn).float() * 512.0, n.float())
 
 
 def test_reference_is_int4_weights_times_e4m3_activations():

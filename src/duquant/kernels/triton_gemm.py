@@ -29,7 +29,6 @@ W_INT8, W_UINT8, W_INT4 = 0, 1, 2
 # is exactly n * 2^-9 (subnormal below 8, exponent field 1 from 8 to 15), so the unpack is W_INT4's mask / shift
 # plus a bitcast, the MMA runs on FP8 tensor cores (float32 accumulation), and 2^9 joins the epilogue
 W_INT4_FP8 = 3
-NIBBLE_E4M3 = 512.0  # (the kernels' literal 512.0)
 
 
 def _cfg(bm, bn, bk, warps, stages, group_m=8):
