@@ -10,6 +10,8 @@ Built in (``names()``):
   (``w4a16``: the action expert at M ~ 51 is bound by weight bytes); gpu backend: a Triton bf16 x packed-int4 GEMM.
 - ``w8a8-fp8`` (``fp8.py``): FP8 e4m3 weights (per output channel) and activations (per token); gpu backend:
   ``torch._scaled_mm`` rowwise.
+- ``w4a8-fp8`` (``int4_fp8.py``): w4a8's 4-bit integer weights with FP8 e4m3 activations (per token); gpu backend:
+  the Triton int4 x FP8 GEMM (each weight nibble read as the e4m3 number n * 2^-9).
 
 Each format says what its activations are (``Format.activations``): a report row of an fp8 or bf16-activation
 format is labelled by its name and its activation type, never as int8.
