@@ -118,6 +118,26 @@ class Fp8Group(SharedInputGroup):
         return [y] if len(self.splits) == 1 else list(y.split(self.splits, dim=1))
 
 
+def check_fp8_device(fmt: Format, layer) -> None:
+    """The FP8 formats' gpu backends need the layer's buffers on a CUDA device with FP8 tensor cores."""
+    if not layer.qweight.is_cuda:
+        raise fmt.gpu_error(layer, f"buffers are on {layer.qweight.device}; move the model with .cuda()")
+    if torch.cuda.get_device_capability(layer.qweight.device) < (8, 9):
+        raise fmt.gpu_error(layer, "FP8 tensor cores need compute capability 8.9 or newer")
+
+
+def fp8_group_states(fmt: Format, group) -> list[Fp8State]:
+    """Each member's state on a prepared FP8 group (its transform must run in the activation kernel)."""
+    if not group.plan.fused:
+        raise fmt.gpu_error(group.layers[0], f"its transform cannot run in the activation kernel: {group.plan.reason}")
+    return [Fp8State(group, i, la.out_features) for i, la in enumerate(group.layers)]
+
+
+def fp8_group_forward(state: Fp8State, x: torch.Tensor) -> torch.Tensor:
+    y = state.group.output(x, state.index)
+    return y.to(x.dtype).reshape(*x.shape[:-1], state.N)
+
+
 class Fp8Format(Format):
     name = "w8a8-fp8"
     weights = "fp8-e4m3"
@@ -150,22 +170,15 @@ class Fp8Format(Format):
 
         kernels.check_gpu()
         for layer in layers:
-            if not layer.qweight.is_cuda:
-                raise self.gpu_error(layer, f"buffers are on {layer.qweight.device}; move the model with .cuda()")
-            if torch.cuda.get_device_capability(layer.qweight.device) < (8, 9):
-                raise self.gpu_error(layer, "FP8 tensor cores need compute capability 8.9 or newer")
+            check_fp8_device(self, layer)
             if layer.out_rotation is not None or layer.act_static is not None:
                 raise self.gpu_error(layer, "no output-side rotation or static activation scales with fp8")
             if layer.in_features % 16 or layer.out_features % 16:
                 raise self.gpu_error(layer, "torch._scaled_mm needs in and out features divisible by 16")
-        group = Fp8Group(list(layers), share_storage=share_storage)
-        if not group.plan.fused:
-            raise self.gpu_error(layers[0], f"its transform cannot run in the activation kernel: {group.plan.reason}")
-        return [Fp8State(group, i, la.out_features) for i, la in enumerate(layers)]
+        return fp8_group_states(self, Fp8Group(list(layers), share_storage=share_storage))
 
     def gpu_forward(self, state: Fp8State, x: torch.Tensor) -> torch.Tensor:
-        y = state.group.output(x, state.index)
-        return y.to(x.dtype).reshape(*x.shape[:-1], state.N)
+        return fp8_group_forward(state, x)
 
 
 register(Fp8Format())

@@ -20,7 +20,7 @@ import os
 import torch
 
 from duquant.formats import register
-from duquant.formats.fp8 import Fp8State, fp8_fake_quantize
+from duquant.formats.fp8 import Fp8State, check_fp8_device, fp8_fake_quantize, fp8_group_forward, fp8_group_states
 from duquant.formats.int_act import IntActivationFormat
 from duquant.kernels import SharedInputGroup
 
@@ -89,18 +89,11 @@ class Int4Fp8Format(IntActivationFormat):
                                             "channel (no --w-group-size)")
         kernels.check_gpu()
         for layer in layers:
-            if not layer.qweight.is_cuda:
-                raise self.gpu_error(layer, f"buffers are on {layer.qweight.device}; move the model with .cuda()")
-            if torch.cuda.get_device_capability(layer.qweight.device) < (8, 9):
-                raise self.gpu_error(layer, "FP8 tensor cores need compute capability 8.9 or newer")
-        group = Int4Fp8Group(list(layers), share_storage=share_storage)
-        if not group.plan.fused:
-            raise self.gpu_error(layers[0], f"its transform cannot run in the activation kernel: {group.plan.reason}")
-        return [Fp8State(group, i, la.out_features) for i, la in enumerate(layers)]
+            check_fp8_device(self, layer)
+        return fp8_group_states(self, Int4Fp8Group(list(layers), share_storage=share_storage))
 
     def gpu_forward(self, state: Fp8State, x: torch.Tensor) -> torch.Tensor:
-        y = state.group.output(x, state.index)
-        return y.to(x.dtype).reshape(*x.shape[:-1], state.N)
+        return fp8_group_forward(state, x)
 
 
 register(Int4Fp8Format())

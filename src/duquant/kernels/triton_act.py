@@ -264,17 +264,22 @@ def _quant_kernel(y1_ptr, M, K, r2_ptr, lo_ptr, hi_ptr, NBP, NB, last_block, des
 _SMS: dict = {}
 
 
+def multiprocessors(device) -> int:
+    """The device's multiprocessor count, cached (2 under the interpreter or off CUDA: a small persistent grid)."""
+    if _INTERPRET or torch.device(device).type != "cuda":
+        return 2
+    key = str(device)
+    if key not in _SMS:
+        _SMS[key] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[key]
+
+
 def _max_programs(device) -> int:
     """Persistent grid size: a few programs per multiprocessor (DUQUANT_ACT_PROGRAMS overrides)."""
     env = os.environ.get("DUQUANT_ACT_PROGRAMS")
     if env:
         return int(env)
-    if _INTERPRET or torch.device(device).type != "cuda":
-        return 4
-    key = str(device)
-    if key not in _SMS:
-        _SMS[key] = torch.cuda.get_device_properties(device).multi_processor_count
-    return 2 * _SMS[key]
+    return 2 * multiprocessors(device)
 
 
 def _next_pow2(n: int) -> int:

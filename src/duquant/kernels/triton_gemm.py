@@ -505,20 +505,10 @@ def tma_cannot_run(codes: torch.Tensor, w: GemmWeight) -> str | None:
     return None
 
 
-_SMS: dict[str, int] = {}
-
-
-def _num_sms(device) -> int:
-    if not _USE_ASM or torch.device(device).type != "cuda":
-        return 4  # under the interpreter: a few programs, each walking several tiles
-    key = str(device)
-    if key not in _SMS:
-        _SMS[key] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SMS[key]
-
-
 def _launch_tma(codes, sx, zx, rowsum, w: GemmWeight, o, n1, n2, num_out, persistent: bool = False):
     from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from duquant.kernels.triton_act import multiprocessors
 
     why = tma_cannot_run(codes, w)
     if why:
@@ -527,7 +517,7 @@ def _launch_tma(codes, sx, zx, rowsum, w: GemmWeight, o, n1, n2, num_out, persis
     # block shapes are placeholders: the autotuner's pre-hook sets them per configuration
     x_desc = TensorDescriptor.from_tensor(codes, [16, 32])
     w_desc = TensorDescriptor.from_tensor(w.data, [16, 32])
-    sms = _num_sms(codes.device)
+    sms = multiprocessors(codes.device)
 
     def grid(meta):
         tiles = triton.cdiv(m, meta["BM"]) * triton.cdiv(w.N, meta["BN"])
