@@ -131,6 +131,18 @@ def _store_codes(row_ptr, q, blk, rmask, K, R: tl.constexpr, BS: tl.constexpr, S
 
 
 @triton.jit
+def _store_fp8_split(row_ptr, v, blk, rmask, K, R: tl.constexpr, BS: tl.constexpr):
+    """_store_codes' split order for e4m3 codes: `v` (float32, already on the e4m3 grid's range) is split into
+    its even and odd channels first and each half converted on its own. Splitting the converted e4m3 tile instead
+    stored wrong bytes in the odd half on an H200 (Triton 3.6) whenever the tile was in a load's or a float32
+    dot's register layout (rtn, smoothquant, `ieee` rotations); the fp16 dot's layout happened to be right."""
+    ev, od = tl.split(tl.reshape(v, (R, BS // 2, 2)))
+    pos = blk[:, None] * (BS // 2) + tl.arange(0, BS // 2)[None, :]
+    tl.store(row_ptr + pos, ev.to(tl.float8e4nv), mask=rmask & (2 * pos < K))
+    tl.store(row_ptr + ((K + 1) // 2) + pos, od.to(tl.float8e4nv), mask=rmask & (2 * pos + 1 < K))
+
+
+@triton.jit
 def _masked(v, valid, other, EVEN: tl.constexpr):
     if EVEN:
         out = v
@@ -302,8 +314,7 @@ def _tile_act_kernel(
             v, scale = _fp8_codes(y, valid, clip, BR, NBP, EVEN, ROUND_E4M3, USE_LIBDEVICE)
             vq = v.to(tl.float8e4nv)
             if SPLIT:
-                _store_codes(codes_ptr + tok[:, None].to(tl.int64) * stride_cm, vq, blk, tmask[:, None], K, R, BS,
-                             SPLIT)
+                _store_fp8_split(codes_ptr + tok[:, None].to(tl.int64) * stride_cm, v, blk, tmask[:, None], K, R, BS)
             else:
                 tl.store(codes_ptr + tok[:, None].to(tl.int64) * stride_cm + chan, vq, mask=tmask[:, None] & valid)
             tl.store(scale_ptr + toks, scale, mask=tm)
@@ -435,8 +446,8 @@ def _tile_act_chunked_kernel(
                     v = _rint(v / step, USE_LIBDEVICE) * step
                 vq = v.to(tl.float8e4nv)
                 if SPLIT:
-                    _store_codes(codes_ptr + tl.cast(tok, tl.int64) * stride_cm, vq, c * RC + tl.arange(0, RC),
-                                 tl.full((RC, 1), 1, tl.int1), K, RC, BS, SPLIT)
+                    _store_fp8_split(codes_ptr + tl.cast(tok, tl.int64) * stride_cm, v, c * RC + tl.arange(0, RC),
+                                     tl.full((RC, 1), 1, tl.int1), K, RC, BS)
                 else:
                     tl.store(codes_ptr + tl.cast(tok, tl.int64) * stride_cm + chan, vq, mask=valid)
                 if FP8_SUM:
