@@ -66,17 +66,35 @@ class Fp8State:
         return self.group.num_bytes() * self.N // self.group.n_total
 
 
-class Fp8Group(SharedInputGroup):
-    """fp8 layers sharing an input (q/k/v, gate/up): one activation kernel (``triton_act_tile`` in fp8 mode, the
-    layers' transform fused into it), one ``torch._scaled_mm`` over the concatenated weight rows, outputs split
-    per member. With ``share_storage`` the members' qweight / w_scale become views of the concatenated tensors."""
+class Fp8ActGroup(SharedInputGroup):
+    """Layers sharing one input whose activation pass is ``triton_act_tile`` in FP8 mode (``w8a8-fp8``,
+    ``w4a8-fp8``): the first member's transform as a kernel plan, its activation clip, the rotation precision."""
 
-    def __init__(self, layers: list, share_storage: bool = True):
+    def __init__(self, layers: list):
         from duquant.kernels.triton_act import build_act_plan
 
         first = layers[0]
         self.layers, self.in_features = layers, first.in_features
         self.plan = build_act_plan(first.transform, first.in_features, first.qweight.device)
+        self.clip = float(first.act_clip)
+        self.precision = os.environ.get("DUQUANT_ACT_PRECISION") or "fp16"
+        self._cache = None
+
+    @property
+    def can_fuse_geglu(self) -> bool:
+        from duquant.kernels.triton_act_tile import can_fuse_geglu
+
+        return len(self.layers) == 1 and can_fuse_geglu(self.plan, self.precision)
+
+
+class Fp8Group(Fp8ActGroup):
+    """fp8 layers sharing an input (q/k/v, gate/up): one activation kernel (``triton_act_tile`` in fp8 mode, the
+    layers' transform fused into it), one ``torch._scaled_mm`` over the concatenated weight rows, outputs split
+    per member. With ``share_storage`` the members' qweight / w_scale become views of the concatenated tensors."""
+
+    def __init__(self, layers: list, share_storage: bool = True):
+        super().__init__(layers)
+        first = layers[0]
         self.splits = [la.out_features for la in layers]
         self.n_total = sum(self.splits)
         data = torch.cat([la.qweight for la in layers]) if len(layers) > 1 else first.qweight
@@ -92,15 +110,6 @@ class Fp8Group(SharedInputGroup):
         zeros = [torch.zeros(n, device=data.device) for n in self.splits]
         self.bias = None if all(b is None for b in biases) else torch.cat(
             [(b.detach() if b is not None else z).to(torch.bfloat16) for b, z in zip(biases, zeros)])
-        self.clip = float(first.act_clip)
-        self.precision = os.environ.get("DUQUANT_ACT_PRECISION") or "fp16"
-        self._cache = None
-
-    @property
-    def can_fuse_geglu(self) -> bool:
-        from duquant.kernels.triton_act_tile import can_fuse_geglu
-
-        return len(self.layers) == 1 and can_fuse_geglu(self.plan, self.precision)
 
     def num_bytes(self) -> int:
         b = self.weight_t.numel() + self.scale_w.numel() * 4 + self.plan.num_bytes()

@@ -15,39 +15,31 @@ point's term (zero point x code sum) in its epilogue.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from duquant.formats import register
-from duquant.formats.fp8 import Fp8State, check_fp8_device, fp8_fake_quantize, fp8_group_forward, fp8_group_states
+from duquant.formats.fp8 import (
+    Fp8ActGroup,
+    Fp8State,
+    check_fp8_device,
+    fp8_fake_quantize,
+    fp8_group_forward,
+    fp8_group_states,
+)
 from duquant.formats.int_act import IntActivationFormat
-from duquant.kernels import SharedInputGroup
 
 
-class Int4Fp8Group(SharedInputGroup):
+class Int4Fp8Group(Fp8ActGroup):
     """Layers sharing one input (q/k/v, gate/up): one FP8 activation pass, one int4 x FP8 GEMM over their
     concatenated weight rows (with ``share_storage`` the members' buffers become views of it), outputs per member."""
 
     def __init__(self, layers: list, share_storage: bool = True):
         from duquant.kernels import _gemm_weight
-        from duquant.kernels.triton_act import build_act_plan
         from duquant.kernels.triton_gemm import W_INT4_FP8
 
-        first = layers[0]
-        self.layers, self.in_features = layers, first.in_features
-        self.plan = build_act_plan(first.transform, first.in_features, first.qweight.device)
+        super().__init__(layers)
         self.weight = _gemm_weight(list(layers), share_storage, kind=W_INT4_FP8)
         self.n_total = self.weight.N
-        self.clip = float(first.act_clip)
-        self.precision = os.environ.get("DUQUANT_ACT_PRECISION") or "fp16"
-        self._cache = None
-
-    @property
-    def can_fuse_geglu(self) -> bool:
-        from duquant.kernels.triton_act_tile import can_fuse_geglu
-
-        return len(self.layers) == 1 and can_fuse_geglu(self.plan, self.precision)
 
     def num_bytes(self) -> int:
         return self.weight.num_bytes() + self.plan.num_bytes()
