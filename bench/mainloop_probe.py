@@ -35,16 +35,18 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def probe_gemm(a_desc, b_desc, c_ptr, M, N, K, stride_cm, INT: tl.constexpr, PROMOTE: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-        pid = tl.program_id(0)
+    def tile_coords(tile, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+        """(pid_m, pid_n) of output tile `tile`, GROUP_M row tiles at a time (L2 reuse of the weight tiles)."""
         num_m = tl.cdiv(M, BM)
         num_n = tl.cdiv(N, BN)
         group = GROUP_M * num_n
-        first_m = (pid // group) * GROUP_M
+        first_m = (tile // group) * GROUP_M
         size_m = min(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % group) % size_m
-        pid_n = (pid % group) // size_m
+        return first_m + (tile % group) % size_m, (tile % group) // size_m
+
+    @triton.jit
+    def tile_product(a_desc, b_desc, pid_m, pid_n, K, INT: tl.constexpr, PROMOTE: tl.constexpr, BM: tl.constexpr,
+                     BN: tl.constexpr, BK: tl.constexpr):
         if INT:
             acc = tl.zeros((BM, BN), dtype=tl.int32)
         else:
@@ -58,39 +60,30 @@ def _kernel():
                 acc = tl.dot(a, tl.trans(b), acc, max_num_imprecise_acc=PROMOTE)
             else:  # Triton's sm_90 default: accumulate in the tensor core's reduced-precision adder
                 acc = tl.dot(a, tl.trans(b), acc)
+        return acc
+
+    @triton.jit
+    def store_tile(c_ptr, acc, pid_m, pid_n, M, N, stride_cm, BM: tl.constexpr, BN: tl.constexpr):
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_n = pid_n * BN + tl.arange(0, BN)
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(tl.float32).to(tl.bfloat16), mask)
 
     @triton.jit
+    def probe_gemm(a_desc, b_desc, c_ptr, M, N, K, stride_cm, INT: tl.constexpr, PROMOTE: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+        pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BM, BN, GROUP_M)
+        acc = tile_product(a_desc, b_desc, pid_m, pid_n, K, INT, PROMOTE, BM, BN, BK)
+        store_tile(c_ptr, acc, pid_m, pid_n, M, N, stride_cm, BM, BN)
+
+    @triton.jit
     def probe_gemm_persistent(a_desc, b_desc, c_ptr, M, N, K, stride_cm, INT: tl.constexpr, NUM_SMS: tl.constexpr,
                               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
         """probe_gemm (fast accumulation) as a persistent kernel, tile loop flattened with the K loop."""
-        num_m = tl.cdiv(M, BM)
-        num_n = tl.cdiv(N, BN)
-        for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
-            group = GROUP_M * num_n
-            first_m = (tile // group) * GROUP_M
-            size_m = min(num_m - first_m, GROUP_M)
-            pid_m = first_m + (tile % group) % size_m
-            pid_n = (tile % group) // size_m
-            if INT:
-                acc = tl.zeros((BM, BN), dtype=tl.int32)
-            else:
-                acc = tl.zeros((BM, BN), dtype=tl.float32)
-            for it in range(0, tl.cdiv(K, BK)):
-                a = a_desc.load([pid_m * BM, it * BK])
-                b = b_desc.load([pid_n * BN, it * BK])
-                if INT:
-                    acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
-                else:
-                    acc = tl.dot(a, tl.trans(b), acc)
-            offs_m = pid_m * BM + tl.arange(0, BM)
-            offs_n = pid_n * BN + tl.arange(0, BN)
-            mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-            tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(tl.float32).to(tl.bfloat16),
-                     mask)
+        for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * tl.cdiv(N, BN), NUM_SMS, flatten=True):
+            pid_m, pid_n = tile_coords(tile, M, N, BM, BN, GROUP_M)
+            acc = tile_product(a_desc, b_desc, pid_m, pid_n, K, INT, 0, BM, BN, BK)
+            store_tile(c_ptr, acc, pid_m, pid_n, M, N, stride_cm, BM, BN)
 
     return probe_gemm, probe_gemm_persistent
 
