@@ -141,6 +141,38 @@ def _epilogue(acc, offs_m, offs_n, M, N, sx_ptr, zx_ptr, rs_ptr, sw_ptr, zw_ptr,
                      mask=mmask[:, None] & ((offs_n >= n2) & nmask)[None, :])
 
 
+@triton.jit
+def _tile_rows(pid_m, pid_n, M, N, BM: tl.constexpr, BN: tl.constexpr):
+    """A tile's token and weight-row offsets, and the same wrapped into range as 64-bit load rows (rows past M / N
+    re-read valid ones; the epilogue masks their outputs)."""
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    return offs_m, offs_n, (offs_m % M).to(tl.int64), (offs_n % N).to(tl.int64)
+
+
+@triton.jit
+def _zero_acc(R: tl.constexpr, C: tl.constexpr, FLOAT: tl.constexpr):
+    """The accumulator: float32 for weight groups (scaled per group) and FP8 products, else exact int32."""
+    if FLOAT:
+        acc = tl.zeros((R, C), dtype=tl.float32)
+    else:
+        acc = tl.zeros((R, C), dtype=tl.int32)
+    return acc
+
+
+@triton.jit
+def _add_weight_group(acc, part, rsg, zw_ptr, sw_ptr, wn, NG, it, W_ROWS: tl.constexpr):
+    """acc += (part - zero_w * code_sum_x) * scale_w for weight group `it`, `part` its integer product and `rsg`
+    the tokens' code sums over it. W_ROWS: acc's rows are weight rows (swap), else tokens (nt)."""
+    zwg = tl.load(zw_ptr + wn * NG + it)
+    swg = tl.load(sw_ptr + wn * NG + it)
+    if W_ROWS:
+        acc += (part - zwg[:, None] * rsg[None, :]).to(tl.float32) * swg[:, None]
+    else:
+        acc += (part - zwg[None, :] * rsg[:, None]).to(tl.float32) * swg[None, :]
+    return acc
+
+
 @triton.autotune(configs=_NT_CONFIGS, key=["MB", "N", "K", "W_KIND", "GROUPED", "GS"], do_bench=_bench_graph)
 @triton.jit
 def _gemm_nt_kernel(
@@ -159,14 +191,8 @@ def _gemm_nt_kernel(
     gsz = tl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % in_group) % gsz
     pid_n = (pid % in_group) // gsz
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    am = (offs_m % M).to(tl.int64)
-    wn = (offs_n % N).to(tl.int64)
-    if GROUPED or W_KIND == 3:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BM, BN), dtype=tl.int32)
+    offs_m, offs_n, am, wn = _tile_rows(pid_m, pid_n, M, N, BM, BN)
+    acc = _zero_acc(BM, BN, GROUPED or W_KIND == 3)
     if GROUPED:  # one K tile per weight group
         BKE: tl.constexpr = GS
     else:
@@ -198,9 +224,7 @@ def _gemm_nt_kernel(
                 part = tl.dot(a_lo, lo, out_dtype=tl.int32)
                 part = tl.dot(a_hi, hi, part, out_dtype=tl.int32)
                 rsg = tl.sum(a_lo.to(tl.int32), axis=1) + tl.sum(a_hi.to(tl.int32), axis=1)
-                zwg = tl.load(zw_ptr + wn * NG + it)
-                swg = tl.load(sw_ptr + wn * NG + it)
-                acc += (part - zwg[None, :] * rsg[:, None]).to(tl.float32) * swg[None, :]
+                acc = _add_weight_group(acc, part, rsg, zw_ptr, sw_ptr, wn, NG, it, False)
             else:
                 acc = tl.dot(a_lo, lo, acc, out_dtype=tl.int32)
                 acc = tl.dot(a_hi, hi, acc, out_dtype=tl.int32)
@@ -215,9 +239,7 @@ def _gemm_nt_kernel(
             if GROUPED:
                 part = tl.dot(a, b, out_dtype=tl.int32)
                 rsg = tl.sum(a.to(tl.int32), axis=1)
-                zwg = tl.load(zw_ptr + wn * NG + it)
-                swg = tl.load(sw_ptr + wn * NG + it)
-                acc += (part - zwg[None, :] * rsg[:, None]).to(tl.float32) * swg[None, :]
+                acc = _add_weight_group(acc, part, rsg, zw_ptr, sw_ptr, wn, NG, it, False)
             else:
                 acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     _epilogue(acc, offs_m, offs_n, M, N, sx_ptr, zx_ptr, rs_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr,
@@ -238,14 +260,8 @@ def _gemm_swap_kernel(
     num_m = tl.cdiv(M, BM)
     pid_m = pid % num_m
     pid_n = pid // num_m
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    am = (offs_m % M).to(tl.int64)
-    wn = (offs_n % N).to(tl.int64)
-    if GROUPED or W_KIND == 3:
-        acc = tl.zeros((BN, BM), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BN, BM), dtype=tl.int32)
+    offs_m, offs_n, am, wn = _tile_rows(pid_m, pid_n, M, N, BM, BN)
+    acc = _zero_acc(BN, BM, GROUPED or W_KIND == 3)
     if GROUPED:  # one K tile per weight group
         BKE: tl.constexpr = GS
     else:
@@ -277,9 +293,7 @@ def _gemm_swap_kernel(
                 part = tl.dot(lo, tl.trans(x_lo), out_dtype=tl.int32)
                 part = tl.dot(hi, tl.trans(x_hi), part, out_dtype=tl.int32)
                 rsg = tl.sum(x_lo.to(tl.int32), axis=1) + tl.sum(x_hi.to(tl.int32), axis=1)
-                zwg = tl.load(zw_ptr + wn * NG + it)
-                swg = tl.load(sw_ptr + wn * NG + it)
-                acc += (part - zwg[:, None] * rsg[None, :]).to(tl.float32) * swg[:, None]
+                acc = _add_weight_group(acc, part, rsg, zw_ptr, sw_ptr, wn, NG, it, True)
             else:
                 acc = tl.dot(lo, tl.trans(x_lo), acc, out_dtype=tl.int32)
                 acc = tl.dot(hi, tl.trans(x_hi), acc, out_dtype=tl.int32)
@@ -294,9 +308,7 @@ def _gemm_swap_kernel(
             if GROUPED:
                 part = tl.dot(w, tl.trans(x), out_dtype=tl.int32)
                 rsg = tl.sum(x.to(tl.int32), axis=1)
-                zwg = tl.load(zw_ptr + wn * NG + it)
-                swg = tl.load(sw_ptr + wn * NG + it)
-                acc += (part - zwg[:, None] * rsg[None, :]).to(tl.float32) * swg[:, None]
+                acc = _add_weight_group(acc, part, rsg, zw_ptr, sw_ptr, wn, NG, it, True)
             else:
                 acc = tl.dot(w, tl.trans(x), acc, out_dtype=tl.int32)
     _epilogue(tl.trans(acc), offs_m, offs_n, M, N, sx_ptr, zx_ptr, rs_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr,
