@@ -42,6 +42,38 @@ def _rint(v, USE_LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
+def _int8_scale(lo, hi, clip, SYMMETRIC: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """Per-token scale and zero point of ``reference.act_quant`` from the token's statistics: symmetric, `hi` is
+    the absmax (zero 0, unused); asymmetric, `lo` / `hi` are min / max, both clipped by `clip`."""
+    if SYMMETRIC:
+        scale = tl.minimum(tl.maximum(tl.div_rn(hi * clip, 127.0), 1e-8), 1e8)
+        zero = scale * 0.0
+    else:
+        mn = lo * clip
+        mx = hi * clip
+        scale = tl.minimum(tl.maximum(tl.div_rn(mx - mn, 255.0), 1e-8), 1e8)
+        zero = _rint(tl.div_rn(-mn, scale), USE_LIBDEVICE)
+    return scale, zero
+
+
+@triton.jit
+def _int8_quantize(y, scale, zero, SYMMETRIC: tl.constexpr, EXACT_DIV: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """Codes of `y` in their stored form, as float: symmetric clamp(round(y/s), -127, 127), asymmetric
+    clamp(round(y/s) + z, 0, 255) - 128; `scale` / `zero` broadcast against y. EXACT_DIV: IEEE division, else
+    y * (1/s)."""
+    if EXACT_DIV:
+        v = tl.div_rn(y, scale)
+    else:
+        v = y * tl.div_rn(1.0, scale)
+    q = _rint(v, USE_LIBDEVICE)
+    if SYMMETRIC:
+        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+    else:
+        q = tl.minimum(tl.maximum(q + zero, 0.0), 255.0) - 128.0
+    return q
+
+
+@triton.jit
 def _load_mats(r_ptr, BS: tl.constexpr, TWO: tl.constexpr, LOWP: tl.constexpr):
     """The block matrix (and the last block's own when TWO), row-major [k, n]; bf16 when LOWP."""
     kk = tl.arange(0, BS)
@@ -127,25 +159,13 @@ def _act_quant_kernel(
             x = _block_rotate(x, b0, b1, last_block, BM, KP, BS, R2_TWO, PRECISION, LOWP)
 
         if SYMMETRIC:
-            amax = tl.max(tl.where(valid, tl.abs(x), 0.0), axis=1)
-            scale = tl.div_rn(amax * clip, 127.0)
-            scale = tl.minimum(tl.maximum(scale, 1e-8), 1e8)
+            scale, zero = _int8_scale(0.0, tl.max(tl.where(valid, tl.abs(x), 0.0), axis=1), clip, SYMMETRIC,
+                                      USE_LIBDEVICE)
         else:
-            mn = tl.min(tl.where(valid, x, float("inf")), axis=1) * clip
-            mx = tl.max(tl.where(valid, x, float("-inf")), axis=1) * clip
-            scale = tl.div_rn(mx - mn, 255.0)
-            scale = tl.minimum(tl.maximum(scale, 1e-8), 1e8)
-            zero = _rint(tl.div_rn(-mn, scale), USE_LIBDEVICE)
-        if EXACT_DIV:
-            v = tl.div_rn(x, scale[:, None])
-        else:
-            v = x * tl.div_rn(1.0, scale)[:, None]
-        q = _rint(v, USE_LIBDEVICE)
-        if SYMMETRIC:
-            q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-        else:
-            q = tl.minimum(tl.maximum(q + zero[:, None], 0.0), 255.0) - 128.0
-        qi = q.to(tl.int32)
+            scale, zero = _int8_scale(tl.min(tl.where(valid, x, float("inf")), axis=1),
+                                      tl.max(tl.where(valid, x, float("-inf")), axis=1), clip, SYMMETRIC,
+                                      USE_LIBDEVICE)
+        qi = _int8_quantize(x, scale[:, None], zero[:, None], SYMMETRIC, EXACT_DIV, USE_LIBDEVICE).to(tl.int32)
         smask = rmask[:, None] & (dest >= 0)[None, :]
         tl.store(codes_ptr + rows[:, None].to(tl.int64) * stride_cm + dest[None, :], qi.to(tl.int8), mask=smask)
         tl.store(scale_ptr + rows, scale, mask=rmask)
@@ -228,30 +248,16 @@ def _quant_kernel(y1_ptr, M, K, r2_ptr, lo_ptr, hi_ptr, NBP, NB, last_block, des
     rmask = rows < M
     bidx = tl.arange(0, NBP2)
     smask = rmask[:, None] & (bidx < NB)[None, :]
+    hi = tl.max(tl.load(hi_ptr + rows[:, None] * NBP + bidx[None, :], mask=smask, other=0.0 if SYMMETRIC else
+                        float("-inf")), axis=1)
     if SYMMETRIC:
-        amax = tl.max(tl.load(hi_ptr + rows[:, None] * NBP + bidx[None, :], mask=smask, other=0.0), axis=1)
-        scale = tl.div_rn(amax * clip, 127.0)
-        scale = tl.minimum(tl.maximum(scale, 1e-8), 1e8)
+        scale, zero = _int8_scale(0.0, hi, clip, SYMMETRIC, USE_LIBDEVICE)
     else:
-        mn = tl.min(tl.load(lo_ptr + rows[:, None] * NBP + bidx[None, :], mask=smask, other=float("inf")),
-                    axis=1) * clip
-        mx = tl.max(tl.load(hi_ptr + rows[:, None] * NBP + bidx[None, :], mask=smask, other=float("-inf")),
-                    axis=1) * clip
-        scale = tl.div_rn(mx - mn, 255.0)
-        scale = tl.minimum(tl.maximum(scale, 1e-8), 1e8)
-        zero = _rint(tl.div_rn(-mn, scale), USE_LIBDEVICE)
+        lo = tl.min(tl.load(lo_ptr + rows[:, None] * NBP + bidx[None, :], mask=smask, other=float("inf")), axis=1)
+        scale, zero = _int8_scale(lo, hi, clip, SYMMETRIC, USE_LIBDEVICE)
     cols = pid_b * BS + tl.arange(0, BS)
     y = _rot2_block(y1_ptr, rows, cols, M, K, r2_ptr, pid_b, last_block, BS, HAS_R2, R2_TWO, PRECISION)
-    if EXACT_DIV:
-        v = tl.div_rn(y, scale[:, None])
-    else:
-        v = y * tl.div_rn(1.0, scale)[:, None]
-    q = _rint(v, USE_LIBDEVICE)
-    if SYMMETRIC:
-        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-    else:
-        q = tl.minimum(tl.maximum(q + zero[:, None], 0.0), 255.0) - 128.0
-    qi = q.to(tl.int32)
+    qi = _int8_quantize(y, scale[:, None], zero[:, None], SYMMETRIC, EXACT_DIV, USE_LIBDEVICE).to(tl.int32)
     dest = tl.load(dest_ptr + cols, mask=cols < K, other=-1)
     m2 = rmask[:, None] & (dest >= 0)[None, :]
     tl.store(codes_ptr + rows[:, None].to(tl.int64) * stride_cm + dest[None, :], qi.to(tl.int8), mask=m2)

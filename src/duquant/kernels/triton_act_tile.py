@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from duquant.kernels.triton_act import ActPlan, _max_programs, _next_pow2, _rint, libdevice
+from duquant.kernels.triton_act import ActPlan, _int8_quantize, _int8_scale, _max_programs, _next_pow2, _rint, libdevice
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -181,26 +181,15 @@ def _int8_codes(y, valid, clip, BR: tl.constexpr, NBP: tl.constexpr, EVEN: tl.co
     clamp(round(y/s) + z, 0, 255) - 128 with min / max clipped by `clip`. EXACT_DIV: IEEE division, else
     y * (1/s). Channels outside `valid` are left out of the statistics."""
     if SYMMETRIC:
-        amax = _per_token(tl.max(_masked(tl.abs(y), valid, 0.0, EVEN), axis=1), BR, NBP, 0)
-        scale = tl.div_rn(amax * clip, 127.0)
-        scale = tl.minimum(tl.maximum(scale, 1e-8), 1e8)
-        zero = scale * 0.0
+        scale, zero = _int8_scale(0.0, _per_token(tl.max(_masked(tl.abs(y), valid, 0.0, EVEN), axis=1), BR, NBP, 0),
+                                  clip, SYMMETRIC, USE_LIBDEVICE)
+        q = _int8_quantize(y, _to_rows(scale, BR, NBP)[:, None], 0.0, SYMMETRIC, EXACT_DIV, USE_LIBDEVICE)
     else:
-        mn = _per_token(tl.min(_masked(y, valid, float("inf"), EVEN), axis=1), BR, NBP, 1) * clip
-        mx = _per_token(tl.max(_masked(y, valid, float("-inf"), EVEN), axis=1), BR, NBP, 0) * clip
-        scale = tl.div_rn(mx - mn, 255.0)
-        scale = tl.minimum(tl.maximum(scale, 1e-8), 1e8)
-        zero = _rint(tl.div_rn(-mn, scale), USE_LIBDEVICE)
-    scale_r = _to_rows(scale, BR, NBP)
-    if EXACT_DIV:
-        v = tl.div_rn(y, scale_r[:, None])
-    else:
-        v = y * tl.div_rn(1.0, scale_r)[:, None]
-    q = _rint(v, USE_LIBDEVICE)
-    if SYMMETRIC:
-        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-    else:
-        q = tl.minimum(tl.maximum(q + _to_rows(zero, BR, NBP)[:, None], 0.0), 255.0) - 128.0
+        scale, zero = _int8_scale(_per_token(tl.min(_masked(y, valid, float("inf"), EVEN), axis=1), BR, NBP, 1),
+                                  _per_token(tl.max(_masked(y, valid, float("-inf"), EVEN), axis=1), BR, NBP, 0),
+                                  clip, SYMMETRIC, USE_LIBDEVICE)
+        q = _int8_quantize(y, _to_rows(scale, BR, NBP)[:, None], _to_rows(zero, BR, NBP)[:, None], SYMMETRIC,
+                           EXACT_DIV, USE_LIBDEVICE)
     return q.to(tl.int32), scale, zero
 
 
@@ -425,13 +414,8 @@ def _tile_act_chunked_kernel(
                 mx = tl.maximum(mx, tl.max(tl.max(_masked(y, chan < K, float("-inf"), EVEN), axis=1), axis=0))
         if FP8:
             scale = tl.maximum(tl.div_rn(mx * clip, 448.0), 1e-12)
-        elif SYMMETRIC:
-            scale = tl.minimum(tl.maximum(tl.div_rn(mx * clip, 127.0), 1e-8), 1e8)
         else:
-            mn = mn * clip
-            mx = mx * clip
-            scale = tl.minimum(tl.maximum(tl.div_rn(mx - mn, 255.0), 1e-8), 1e8)
-            zero = _rint(tl.div_rn(-mn, scale), USE_LIBDEVICE)
+            scale, zero = _int8_scale(mn, mx, clip, SYMMETRIC, USE_LIBDEVICE)
         rsum = 0
         fsum = 0.0
         for c in range(NCH):  # (D)
@@ -453,16 +437,7 @@ def _tile_act_chunked_kernel(
                 if FP8_SUM:
                     fsum += tl.sum(tl.sum(_fp8_sum_terms(vq, valid, False), axis=1), axis=0)
             else:
-                if EXACT_DIV:
-                    v = tl.div_rn(y, scale)
-                else:
-                    v = y * tl.div_rn(1.0, scale)
-                q = _rint(v, USE_LIBDEVICE)
-                if SYMMETRIC:
-                    q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-                else:
-                    q = tl.minimum(tl.maximum(q + zero, 0.0), 255.0) - 128.0
-                qi = q.to(tl.int32)
+                qi = _int8_quantize(y, scale, zero, SYMMETRIC, EXACT_DIV, USE_LIBDEVICE).to(tl.int32)
                 _store_codes(codes_ptr + tl.cast(tok, tl.int64) * stride_cm, qi.to(tl.int8), c * RC + tl.arange(0, RC),
                              tl.full((RC, 1), 1, tl.int1), K, RC, BS, SPLIT)
                 rsum += tl.sum(tl.sum(tl.where(valid, qi, 0), axis=1), axis=0)
