@@ -70,39 +70,38 @@ ROUNDINGS: dict[str, RoundingSpec] = {}
 PERMUTATIONS: dict[str, PermutationSpec] = {}
 
 
-def register_method(spec: MethodSpec) -> MethodSpec:
-    if spec.name in METHODS:
-        raise ValueError(f"method {spec.name!r} is already registered")
-    METHODS[spec.name] = spec
+def _add(table: dict, kind: str, spec):
+    if spec.name in table:
+        raise ValueError(f"{kind} {spec.name!r} is already registered")
+    table[spec.name] = spec
     return spec
+
+
+def _lookup(table: dict, kind: str, name: str):
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(f"unknown {kind} {name!r}; use one of {', '.join(table)}") from None
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    return _add(METHODS, "method", spec)
 
 
 def register_rounding(spec: RoundingSpec) -> RoundingSpec:
-    if spec.name in ROUNDINGS:
-        raise ValueError(f"weight rounding {spec.name!r} is already registered")
-    ROUNDINGS[spec.name] = spec
-    return spec
+    return _add(ROUNDINGS, "weight rounding", spec)
 
 
 def register_permutation(spec: PermutationSpec) -> PermutationSpec:
-    if spec.name in PERMUTATIONS:
-        raise ValueError(f"permutation {spec.name!r} is already registered")
-    PERMUTATIONS[spec.name] = spec
-    return spec
+    return _add(PERMUTATIONS, "permutation", spec)
 
 
 def method(name: str) -> MethodSpec:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; use one of {', '.join(METHODS)}") from None
+    return _lookup(METHODS, "method", name)
 
 
 def rounding(name: str) -> RoundingSpec:
-    try:
-        return ROUNDINGS[name]
-    except KeyError:
-        raise ValueError(f"unknown weight rounding {name!r}; use one of {', '.join(ROUNDINGS)}") from None
+    return _lookup(ROUNDINGS, "weight rounding", name)
 
 
 def permutation(value: str | bool) -> PermutationSpec:
