@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# What the seventh session changed after its last device call, checked on the CPU only (sm_90 PTX / opcode counts
+# unchanged, interpreter tests), as one bounded device call (< 3 minutes):
+#   DUQUANT_COMMIT=<sha> bash bench/pending_gpu.sh      (repository root; log under $OUT)
+# 88579ab: the nt / swap GEMM kernels share helpers (_tile_rows, _zero_acc, _add_weight_group);
+# 6c89f46: one int8 quantization epilogue for the fused, split, tile, chunked and folded activation kernels.
+# The GPU tests of those kernels, most telling first (the tile kernel's matrix is slow: ~14 s a case, cut by the
+# timeout). The refactors change no launch, so no timing is pending.
+set -u
+export PYTHONPATH=src TRITON_CACHE_AUTOTUNING=1 DUQUANT_COMMIT="${DUQUANT_COMMIT:-unknown}"
+OUT="${OUT:-bench_out}"
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name --format=csv,noheader
+DUQUANT_GEMM_QUICK=1 timeout 150 python3 -m pytest -x -v -p no:cacheprovider -k "not (gather or transpose)" \
+    "tests/test_kernels_tile.py::test_gpu_folded_shuffle_kernel_matches_reference" \
+    "tests/test_int4_fp8.py::test_gpu_w4a8_fp8_layer_matches_reference" \
+    "tests/test_kernels.py::test_gpu_act_kernel_matches_reference" \
+    "tests/test_kernels.py::test_gpu_gemm_matches_reference" \
+    "tests/test_kernels_tile.py::test_gpu_tile_kernel_matches_reference" > "$OUT/gpu_tests.log" 2>&1
+echo "pytest rc=$? passed=$(grep -c PASSED "$OUT/gpu_tests.log") failed=$(grep -c FAILED "$OUT/gpu_tests.log")"
+grep FAILED "$OUT/gpu_tests.log" | head -5
