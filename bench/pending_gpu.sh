@@ -4,6 +4,8 @@
 #   DUQUANT_COMMIT=<sha> bash bench/pending_gpu.sh      (repository root; log under $OUT)
 # 88579ab: the nt / swap GEMM kernels share helpers (_tile_rows, _zero_acc, _add_weight_group);
 # 6c89f46: one int8 quantization epilogue for the fused, split, tile, chunked and folded activation kernels.
+# the review commit after them: the FP8 split store folded into _store_codes (FP8 flag), the TMA GEMM kernels on
+# _zero_acc / _tile_rows.
 # The GPU tests of those kernels, most telling first (the tile kernel's matrix is slow: ~14 s a case, cut by the
 # timeout). The refactors change no launch, so no timing is pending.
 set -u

@@ -113,33 +113,29 @@ def _block_transpose(y, BR: tl.constexpr, NB: tl.constexpr, G: tl.constexpr):
 
 
 @triton.jit
-def _store_codes(row_ptr, q, blk, rmask, K, R: tl.constexpr, BS: tl.constexpr, SPLIT: tl.constexpr):
+def _store_codes(row_ptr, q, blk, rmask, K, R: tl.constexpr, BS: tl.constexpr, SPLIT: tl.constexpr,
+                 FP8: tl.constexpr = False):
     """Store an [R, BS] tile of int8 codes (row r = block blk[r] of the token at row_ptr[r]). SPLIT: the packed-
     int4 GEMM's order, even channels then odd ones (reference.split_int4_order): the tile is deinterleaved in
     registers and each half is stored through addresses built from a fresh arange, so the compiler sees 64
     contiguous bytes per row and coalesces them. (Addresses computed per channel as c // 2 + (c % 2) * K/2 left it
     no contiguity to see: ncu measured 2.8 of 32 bytes used per stored sector, 11x the sectors of the natural
-    order and 2.2x the kernel's time at 816 x 2048.)"""
+    order and 2.2x the kernel's time at 816 x 2048.)
+    FP8: `q` is float32 on the e4m3 range, converted to e4m3 here, after the split and half by half. Splitting an
+    e4m3 tile instead stored wrong bytes in the odd half on an H200 (Triton 3.6) whenever the tile was in a load's
+    or a float32 dot's register layout (rtn, smoothquant, `ieee` rotations); the fp16 dot's layout was right."""
     if SPLIT:
         ev, od = tl.split(tl.reshape(q, (R, BS // 2, 2)))
+        if FP8:
+            ev, od = ev.to(tl.float8e4nv), od.to(tl.float8e4nv)
         pos = blk[:, None] * (BS // 2) + tl.arange(0, BS // 2)[None, :]
         tl.store(row_ptr + pos, ev, mask=rmask & (2 * pos < K))
         tl.store(row_ptr + ((K + 1) // 2) + pos, od, mask=rmask & (2 * pos + 1 < K))
     else:
+        if FP8:
+            q = q.to(tl.float8e4nv)
         chan = blk[:, None] * BS + tl.arange(0, BS)[None, :]
         tl.store(row_ptr + chan, q, mask=rmask & (chan < K))
-
-
-@triton.jit
-def _store_fp8_split(row_ptr, v, blk, rmask, K, R: tl.constexpr, BS: tl.constexpr):
-    """_store_codes' split order for e4m3 codes: `v` (float32, already on the e4m3 grid's range) is split into
-    its even and odd channels first and each half converted on its own. Splitting the converted e4m3 tile instead
-    stored wrong bytes in the odd half on an H200 (Triton 3.6) whenever the tile was in a load's or a float32
-    dot's register layout (rtn, smoothquant, `ieee` rotations); the fp16 dot's layout happened to be right."""
-    ev, od = tl.split(tl.reshape(v, (R, BS // 2, 2)))
-    pos = blk[:, None] * (BS // 2) + tl.arange(0, BS // 2)[None, :]
-    tl.store(row_ptr + pos, ev.to(tl.float8e4nv), mask=rmask & (2 * pos < K))
-    tl.store(row_ptr + ((K + 1) // 2) + pos, od.to(tl.float8e4nv), mask=rmask & (2 * pos + 1 < K))
 
 
 @triton.jit
@@ -303,7 +299,8 @@ def _tile_act_kernel(
             v, scale = _fp8_codes(y, valid, clip, BR, NBP, EVEN, ROUND_E4M3, USE_LIBDEVICE)
             vq = v.to(tl.float8e4nv)
             if SPLIT:
-                _store_fp8_split(codes_ptr + tok[:, None].to(tl.int64) * stride_cm, v, blk, tmask[:, None], K, R, BS)
+                _store_codes(codes_ptr + tok[:, None].to(tl.int64) * stride_cm, v, blk, tmask[:, None], K, R, BS,
+                             SPLIT, True)
             else:
                 tl.store(codes_ptr + tok[:, None].to(tl.int64) * stride_cm + chan, vq, mask=tmask[:, None] & valid)
             tl.store(scale_ptr + toks, scale, mask=tm)
@@ -430,8 +427,8 @@ def _tile_act_chunked_kernel(
                     v = _rint(v / step, USE_LIBDEVICE) * step
                 vq = v.to(tl.float8e4nv)
                 if SPLIT:
-                    _store_fp8_split(codes_ptr + tl.cast(tok, tl.int64) * stride_cm, v, c * RC + tl.arange(0, RC),
-                                     tl.full((RC, 1), 1, tl.int1), K, RC, BS)
+                    _store_codes(codes_ptr + tl.cast(tok, tl.int64) * stride_cm, v, c * RC + tl.arange(0, RC),
+                                 tl.full((RC, 1), 1, tl.int1), K, RC, BS, SPLIT, True)
                 else:
                     tl.store(codes_ptr + tl.cast(tok, tl.int64) * stride_cm + chan, vq, mask=valid)
                 if FP8_SUM:

@@ -342,10 +342,7 @@ def _swap_tma_tile(x_desc, w_desc, pid_m, pid_n, K, KH, W_KIND: tl.constexpr, US
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """One output tile's mainloop of the TMA variants: acc [BN weight rows, BM tokens] (int32, or float32 for
     W_INT4_FP8, already scaled by 2^9)."""
-    if W_KIND == 3:
-        acc = tl.zeros((BN, BM), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BN, BM), dtype=tl.int32)
+    acc = _zero_acc(BN, BM, W_KIND == 3)
     if W_KIND >= 2:
         BKH: tl.constexpr = BK // 2
         for it in range(0, tl.cdiv(KH, BKH)):
@@ -387,8 +384,7 @@ def _gemm_swap_tma_kernel(
     pid_m = pid % num_m
     pid_n = pid // num_m
     acc = _swap_tma_tile(x_desc, w_desc, pid_m, pid_n, K, KH, W_KIND, USE_ASM, BM, BN, BK)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_m, offs_n, _, _ = _tile_rows(pid_m, pid_n, M, N, BM, BN)
     _epilogue(tl.trans(acc), offs_m, offs_n, M, N, sx_ptr, zx_ptr, rs_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr,
               o0, o1, o2, n1, n2, so0, so1, so2, ASYM_X, HAS_BIAS, NUM_OUT, False)
 
@@ -414,8 +410,7 @@ def _gemm_swap_tma_persistent_kernel(
         pid_m = tile % num_m
         pid_n = tile // num_m
         acc = _swap_tma_tile(x_desc, w_desc, pid_m, pid_n, K, KH, W_KIND, USE_ASM, BM, BN, BK)
-        offs_m = pid_m * BM + tl.arange(0, BM)
-        offs_n = pid_n * BN + tl.arange(0, BN)
+        offs_m, offs_n, _, _ = _tile_rows(pid_m, pid_n, M, N, BM, BN)
         _epilogue(tl.trans(acc), offs_m, offs_n, M, N, sx_ptr, zx_ptr, rs_ptr, sw_ptr, zw_ptr, cw_ptr, bias_ptr,
                   o0, o1, o2, n1, n2, so0, so1, so2, ASYM_X, HAS_BIAS, NUM_OUT, False)
 
