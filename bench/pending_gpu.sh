@@ -6,18 +6,18 @@
 # 6c89f46: one int8 quantization epilogue for the fused, split, tile, chunked and folded activation kernels.
 # the review commit after them: the FP8 split store folded into _store_codes (FP8 flag), the TMA GEMM kernels on
 # _zero_acc / _tile_rows.
-# The GPU tests of those kernels, most telling first (the tile kernel's matrix is slow: ~14 s a case, cut by the
-# timeout). The refactors change no launch, so no timing is pending.
+# The GPU tests of those kernels, in parallel (pytest-xdist: each case is compile-bound, ~10-25 s on one core, and
+# the 144 cases one after the other outlast the call). The refactors change no launch, so no timing is pending.
 set -u
 export PYTHONPATH=src TRITON_CACHE_AUTOTUNING=1 DUQUANT_COMMIT="${DUQUANT_COMMIT:-unknown}"
 OUT="${OUT:-bench_out}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name --format=csv,noheader
-DUQUANT_GEMM_QUICK=1 timeout 150 python3 -m pytest -x -v -p no:cacheprovider -k "not (gather or transpose)" \
+DUQUANT_GEMM_QUICK=1 timeout "${PENDING_TIMEOUT:-300}" python3 -m pytest -n "${PENDING_WORKERS:-14}" -rA -p no:cacheprovider -k "not (gather or transpose)" \
     "tests/test_kernels_tile.py::test_gpu_folded_shuffle_kernel_matches_reference" \
     "tests/test_int4_fp8.py::test_gpu_w4a8_fp8_layer_matches_reference" \
     "tests/test_kernels.py::test_gpu_act_kernel_matches_reference" \
     "tests/test_kernels.py::test_gpu_gemm_matches_reference" \
     "tests/test_kernels_tile.py::test_gpu_tile_kernel_matches_reference" > "$OUT/gpu_tests.log" 2>&1
-echo "pytest rc=$? passed=$(grep -c PASSED "$OUT/gpu_tests.log") failed=$(grep -c FAILED "$OUT/gpu_tests.log")"
-grep FAILED "$OUT/gpu_tests.log" | head -5
+echo "pytest rc=$? passed=$(grep -c '^PASSED' "$OUT/gpu_tests.log") failed=$(grep -c '^FAILED' "$OUT/gpu_tests.log")"
+grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -5; tail -1 "$OUT/gpu_tests.log"
