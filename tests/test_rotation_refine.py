@@ -150,3 +150,85 @@ def test_config_env_cli_pack_key_and_quantize():
     had = _quantized(base.replace(method="hadamard", rotation_refine_steps=30), x)
     had0 = _quantized(base.replace(method="hadamard"), x)
     assert torch.equal(had.q.transform.rot1, had0.q.transform.rot1)
+
+
+# ---- rotation_refine_smooth: the smoothing vector learned with the rotations ------------------------------------
+
+def test_learned_smoothing_keeps_the_float_output_and_does_not_raise_the_error():
+    for seed in (0, 2):
+        x, w = _layer(seed=seed)
+        t = _greedy(x, w)
+        assert t.smooth is not None
+        kw = dict(steps=60, lr=1e-2, tokens=128, rows=32, seed=0, **Q)
+        rot_only = rr.refine_rotations(t, w, x, **kw)
+        both = rr.refine_rotations(t, w, x, learn_smooth=True, **kw)
+        both.validate(check_values=True)
+        assert both.smooth.dtype == torch.float32 and both.smooth.shape == t.smooth.shape
+        assert bool((both.smooth > 0).all()) and not torch.equal(both.smooth, t.smooth)
+        assert torch.equal(rot_only.smooth, t.smooth)
+        assert _orth_err(both.rot1) < 1e-5 and _orth_err(both.rot2) < 1e-5
+        assert torch.equal(both.perm, t.perm)
+        # an equivalence before rounding: x' W'^T == x W^T
+        assert torch.allclose(both.apply(x) @ both.fold_into_weight(w).T, x @ w.T, rtol=1e-4, atol=1e-3)
+        greedy = rr.quantized_output_error(t, w, x, **Q)
+        smooth_err = rr.quantized_output_error(both, w, x, **Q)
+        assert smooth_err <= rr.quantized_output_error(rot_only, w, x, **Q)
+        assert smooth_err < 0.9 * greedy
+
+
+def test_learned_smoothing_is_deterministic_and_a_no_op_without_a_smoothing_vector():
+    x, w = _layer()
+    t = _greedy(x, w)
+    kw = dict(steps=20, tokens=64, rows=16, seed=5, **Q)
+    a = rr.refine_rotations(t, w, x, learn_smooth=True, **kw)
+    b = rr.refine_rotations(t, w, x, learn_smooth=True, **kw)
+    assert torch.equal(a.smooth, b.smooth) and torch.equal(a.rot1, b.rot1) and torch.equal(a.rot2, b.rot2)
+    plain = LayerTransform(64, 16, rot1=t.rot1, perm=t.perm, rot2=t.rot2, kind="duquant")  # no smoothing vector
+    u = rr.refine_rotations(plain, w, x, **kw)
+    v = rr.refine_rotations(plain, w, x, learn_smooth=True, **kw)
+    assert v.smooth is None and torch.equal(u.rot1, v.rot1) and torch.equal(u.rot2, v.rot2)
+    assert rr.refine_rotations(t, w, x, learn_smooth=True, **{**kw, "steps": 0}) is t
+
+
+def test_refine_smooth_config_env_cli_pack_key_and_quantize():
+    cfg = DuQuantConfig.from_env({"OPENPI_DUQUANT_ROTATION_REFINE_SMOOTH": "1",
+                                  "OPENPI_DUQUANT_ROTATION_REFINE_STEPS": "40"})
+    assert cfg.rotation_refine_smooth and cfg.rotation_refine_steps == 40
+    assert DuQuantConfig().rotation_refine_smooth is False
+    steps = DuQuantConfig(rotation_refine_steps=40)
+    assert cfg.layer_hash("a") != steps.layer_hash("a")
+    # the default is left out of the key: packs written before the option keep theirs
+    assert steps.replace(rotation_refine_smooth=False).layer_hash("a") == steps.layer_hash("a")
+    assert DuQuantConfig(rotation_refine_smooth=False).layer_hash("a") == DuQuantConfig().layer_hash("a")
+    parser = argparse.ArgumentParser()
+    add_cli_args(parser)
+    assert parser.parse_args(["--rotation-refine-smooth"]).rotation_refine_smooth is True
+    assert parser.parse_args([]).rotation_refine_smooth is None  # unset: the environment or the default decides
+
+    x, _ = _layer(t=256)
+    base = DuQuantConfig(include=r"^(q|k|out)$", block_size=16, abits=4, rotation_steps=32)
+    plain = _quantized(base, x)
+    flag_only = _quantized(base.replace(rotation_refine_smooth=True), x)  # no refinement steps: nothing learned
+    for name in ("q", "k", "out"):
+        a, b = getattr(plain, name).transform, getattr(flag_only, name).transform
+        assert all(torch.equal(u, v) for u, v in zip(a.to_tensors().values(), b.to_tensors().values(), strict=True))
+    rot = _quantized(base.replace(rotation_refine_steps=30), x)
+    both = _quantized(base.replace(rotation_refine_steps=30, rotation_refine_smooth=True), x)
+    assert torch.equal(rot.q.transform.smooth, plain.q.transform.smooth)
+    assert not torch.equal(both.q.transform.smooth, plain.q.transform.smooth)
+    assert not torch.equal(both.out.transform.smooth, plain.out.transform.smooth)
+    assert torch.equal(both.q.transform.perm, plain.q.transform.perm)
+
+
+def test_the_transform_cache_takes_refined_groups():
+    """quantize(..., transforms={}) (the report's cache) with the refinement on: its key holds the refine settings
+    hashably, and a second quantize with the same statistics object reuses the cached transforms."""
+    x, _ = _layer(t=256)
+    cfg = DuQuantConfig(include=r"^(q|k|out)$", block_size=16, abits=4, rotation_steps=32, rotation_refine_steps=10,
+                        rotation_refine_smooth=True)
+    cache = {}
+    model = Block()
+    with torch.no_grad():
+        quantize(model, cfg, calibrate=lambda m: m(x), progress=False, verbose=False, transforms=cache)
+    assert cache and all(isinstance(k, tuple) for k in cache)
+    assert torch.equal(model.q.transform.smooth, next(v[0] for k, v in cache.items() if "q" in k[1]).smooth)

@@ -437,7 +437,8 @@ def group_transform(names: list[str], modules: dict[str, nn.Linear], stats: Laye
     bit widths and parts built from the same statistics) or built now, on the statistics' device."""
     refine = refine_settings(names, config, stats)
     key = (config.method, tuple(names), config.block_size, config.smoothing_alpha, config.rotation_steps,
-           config.permute, _seed_for(config, names[0]), id(stats), refine)
+           config.permute, _seed_for(config, names[0]), id(stats),
+           tuple(sorted(refine.items())) if refine is not None else None)  # hashable: the cache is a dict
     if transforms is not None and key in transforms:
         return transforms[key][0]
     w_cat = torch.cat([modules[n].weight.detach().float() for n in names])
@@ -466,7 +467,8 @@ def refine_settings(names: list[str], config: DuQuantConfig, stats: LayerStats |
         return None
     return dict(steps=config.rotation_refine_steps, wbits=fmt.wbits, abits=fmt.abits,
                 act_clip=config.activation_clip_for(fmt.abits), w_clip=config.weight_clip(fmt.wbits),
-                w_symmetric=config.w_symmetric, act_symmetric=config.act_symmetric)
+                w_symmetric=config.w_symmetric, act_symmetric=config.act_symmetric,
+                learn_smooth=config.rotation_refine_smooth)
 
 
 def transformed_hessian(transform: LayerTransform, stats: LayerStats | None, x_t: torch.Tensor | None

@@ -124,6 +124,9 @@ class DuQuantConfig:
     # Adam steps refining each duquant group's greedy block rotations on its calibration sample by the quantized
     # output error (duquant.rotation_refine; 0 = off, the greedy transform as it is)
     rotation_refine_steps: int = 0
+    # with rotation_refine_steps > 0: also learn the per-channel smoothing vector (as log s, from the greedy one),
+    # jointly with the rotations by the same loss (OmniQuant-style learnable equivalent transformation)
+    rotation_refine_smooth: bool = False
     w_symmetric: bool = False
     w_clip: float | None = None  # None: 0.8 (paper) for <= 4 bits, 1.0 for 8 bits
     w_group_size: int | None = None
@@ -411,10 +414,12 @@ class DuQuantConfig:
 _PACK_FIELDS = {"method", "wbits", "abits", "block_size", "block_out", "permute", "row_rot", "alpha", "rotation_steps",
                 "w_symmetric", "w_clip", "w_group_size", "clip_search", "act_symmetric", "act_clip", "act_pct",
                 "act_static", "share_transforms", "seed", "version", "weight_rounding", "gptq_damp",
-                "gptq_act_order", "sequential", "act_clip_search", "rotation_refine_steps"}
+                "gptq_act_order", "sequential", "act_clip_search", "rotation_refine_steps",
+                "rotation_refine_smooth"}
 # Added after packs were first written: hashed only when not at their default.
 _PACK_FIELDS_SINCE_ROUNDING = {"weight_rounding": "rtn", "gptq_damp": 0.01, "gptq_act_order": False,
-                               "sequential": False, "act_clip_search": False, "rotation_refine_steps": 0}
+                               "sequential": False, "act_clip_search": False, "rotation_refine_steps": 0,
+                               "rotation_refine_smooth": False}
 
 
 _DEFAULT_WBITS = DuQuantConfig.wbits
@@ -536,6 +541,8 @@ ENV_VARS: dict[str, tuple[str | None, object, str]] = {
     "STEPS": ("rotation_steps", _int, "greedy rotation steps (paper 256)"),
     "ROTATION_REFINE_STEPS": ("rotation_refine_steps", _int, "Adam steps refining the greedy block rotations by "
                               "quantized output error on the calibration sample (0 = off)"),
+    "ROTATION_REFINE_SMOOTH": ("rotation_refine_smooth", _bool, "the rotation refinement also learns the per-channel "
+                               "smoothing vector (1/0; needs ROTATION_REFINE_STEPS > 0)"),
     "WEIGHT_ROUNDING": ("weight_rounding", lambda v, x: x.strip().lower(), f"one of {list(WEIGHT_ROUNDINGS)}"),
     "GPTQ_DAMP": ("gptq_damp", _float, "GPTQ damping, fraction of the mean Hessian diagonal (0.01)"),
     "GPTQ_ACT_ORDER": ("gptq_act_order", _bool, "GPTQ in decreasing Hessian-diagonal order (1/0)"),
@@ -623,6 +630,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--rotation-refine-steps", type=int,
                    help="Adam steps refining the greedy block rotations by quantized output error (default 0 = off) "
                         "[ROTATION_REFINE_STEPS]")
+    g.add_argument("--rotation-refine-smooth", action="store_const", const=True,
+                   help="the rotation refinement also learns the per-channel smoothing vector "
+                        "[ROTATION_REFINE_SMOOTH]")
     g.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS,
                    help="rtn (default) | gptq: error-compensating rounding [WEIGHT_ROUNDING]")
     g.add_argument("--gptq-damp", type=float, help="GPTQ damping (default 0.01) [GPTQ_DAMP]")

@@ -34,7 +34,7 @@ BLOCK_LINEARS = r"\.(layers|layer|h|blocks)\.\d+\."
 SHARED_SETTINGS = ("block_size", "block_out", "permute", "row_rot", "alpha", "rotation_steps", "w_symmetric", "w_clip",
                    "w_group_size", "clip_search", "act_symmetric", "act_clip", "act_pct", "act_clip_search",
                    "act_static", "gptq_damp", "gptq_act_order", "calib_tokens", "share_transforms", "seed",
-                   "rotation_refine_steps")
+                   "rotation_refine_steps", "rotation_refine_smooth")
 
 
 def is_transformers_checkpoint(path: str | Path) -> bool:

@@ -7,7 +7,12 @@ group's calibration sample, in the spirit of SpinQuant / FlatQuant / OSTQuant: t
 error between the group's quantized output ``Q_a(x_t) Q_w(W_t)ᵀ`` (per-token activations at the configured bits
 and clip, per-output-channel weights at the configured bits and clip, both round-to-nearest with a
 straight-through estimator for the rounding; scales and zero points follow the values, as the quantizers compute
-them) and its float output ``x Wᵀ``. The smoothing and the permutation stay as the greedy search made them.
+them) and its float output ``x Wᵀ``. The permutation stays as the greedy search made it; so does the smoothing,
+unless ``learn_smooth`` (``rotation_refine_smooth``) is on: then the per-channel smoothing vector s (x / s, W * s, an
+exact equivalence before rounding) is learned too, in the spirit of OmniQuant's learnable equivalent transformation,
+as log s (initialised to the greedy s, so step 0 is still the greedy transform), jointly with the rotations and by
+the same loss and optimizer; the returned transform carries the learned s. A transform without a smoothing vector
+(alpha 0) is refined as without the option.
 
 Structure kept for the kernels: where all full blocks of a rotation share one matrix (``LayerTransform._shared``,
 what the greedy search always builds), one A is learned for them and the refined matrix is written to every full
@@ -146,14 +151,16 @@ def refine_rotations(transform: LayerTransform, weight: torch.Tensor, sample: to
                      wbits: int, abits: int, act_clip: float, w_clip: float, w_symmetric: bool = False,
                      act_symmetric: bool = False, lr: float | None = None, tokens: int | None = None,
                      rows: int | None = None, seed: int = 0, eval_every: int = EVAL_EVERY,
-                     names: tuple[str, ...] = ("rot1", "rot2"), log: list | None = None) -> LayerTransform:
+                     names: tuple[str, ...] = ("rot1", "rot2"), log: list | None = None,
+                     learn_smooth: bool = False) -> LayerTransform:
     """`transform` with its block rotations `names` refined by `steps` Adam steps (module docstring).
 
     weight: the group's weights concatenated on dim 0, [out, C], in the original basis; sample: its calibration
     inputs [T, C] (non-finite tokens are dropped). steps 0, no sample, or no rotation to refine: `transform`
     itself. Deterministic for a given seed (the token and row batches). `log`, when given, receives
     (step, whole-sample loss) at every evaluation. Runs on the CPU in float32 (the result in float32, like the
-    greedy rotations); gradients are enabled inside even under ``torch.no_grad()``."""
+    greedy rotations); gradients are enabled inside even under ``torch.no_grad()``. learn_smooth: also learn the
+    smoothing vector (module docstring; no effect when the transform has none)."""
     present = [n for n in names if getattr(transform, n) is not None]
     if steps <= 0 or sample is None or not present or transform.in_features < 2:
         return transform
@@ -171,20 +178,35 @@ def refine_rotations(transform: LayerTransform, weight: torch.Tensor, sample: to
     perm = transform.perm.cpu() if transform.perm is not None else None
     blocks = {n: _Blocks(getattr(transform, n).float().cpu(), c, bs, transform._shared(n, getattr(transform, n)))
               for n in present}
-    # Fixed parts: the smoothing (and, when only rot2 is refined, rot1 and the permutation) act once, up front.
-    x0 = x / smooth if smooth is not None else x
-    w0 = w * smooth if smooth is not None else w
+    learn_smooth = bool(learn_smooth) and smooth is not None
+    # the learned smoothing as log s (float32 Adam parameter, starting at the greedy s)
+    log_s = torch.log(smooth).clone().requires_grad_(True) if learn_smooth else None
     prefix = ["rot1", "perm"] if "rot1" not in blocks else []
-    with torch.no_grad():
+
+    def fixed(xb: torch.Tensor, wb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         for step in prefix:
             if step == "rot1" and transform.rot1 is not None:
-                x0, w0 = transform._rotate(x0, "rot1"), transform._rotate(w0, "rot1")
+                xb, wb = transform._rotate(xb, "rot1"), transform._rotate(wb, "rot1")
             if step == "perm" and perm is not None:
-                x0, w0 = x0[:, perm], w0[:, perm]
+                xb, wb = xb[:, perm], wb[:, perm]
+        return xb, wb
+
+    # Fixed parts: the smoothing (and, when only rot2 is refined, rot1 and the permutation) act once, up front;
+    # a learned smoothing acts in `forward`, followed there by those fixed parts.
+    with torch.no_grad():
+        if learn_smooth:
+            x0, w0 = x, w
+        else:
+            x0 = x / smooth if smooth is not None else x
+            w0 = w * smooth if smooth is not None else w
+            x0, w0 = fixed(x0, w0)
         y = x @ w.T
     y_norm = y.pow(2).sum().clamp(min=1e-30)
 
     def forward(xb: torch.Tensor, wb: torch.Tensor, mats: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if learn_smooth:
+            s = torch.exp(log_s)
+            xb, wb = fixed(xb / s, wb * s)
         for n in ("rot1", "perm", "rot2"):
             if n == "perm":
                 if "rot1" in blocks and perm is not None:
@@ -206,7 +228,8 @@ def refine_rotations(transform: LayerTransform, weight: torch.Tensor, sample: to
                 err += float((xq @ wq.T - y[start:start + 2048]).pow(2).sum())
             return err / float(y_norm)
 
-    params = [p for b in blocks.values() for p in b.params()]
+    params = [p for b in blocks.values() for p in b.params()] + ([log_s] if learn_smooth else [])
+    init = [p.detach().clone() for p in params]
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(int(seed))
     t = x0.shape[0]
@@ -234,9 +257,13 @@ def refine_rotations(transform: LayerTransform, weight: torch.Tensor, sample: to
     with torch.no_grad():
         for p, b in zip(params, best, strict=True):
             p.copy_(b)
-    if all(bool((p == 0).all()) for p in params):  # no checkpoint beat the greedy transform: keep it as it is
-        return transform
+    if all(torch.equal(p, q) for p, q in zip(params, init, strict=True)):  # no checkpoint beat the greedy
+        return transform  # transform: keep it as it is
     new = {n: b.final() for n, b in blocks.items()}
-    return LayerTransform(c, bs, smooth=transform.smooth, rot1=new.get("rot1", transform.rot1), perm=transform.perm,
+    new_smooth = transform.smooth
+    if learn_smooth:
+        with torch.no_grad():
+            new_smooth = torch.exp(log_s.double()).float().to(transform.smooth.device)
+    return LayerTransform(c, bs, smooth=new_smooth, rot1=new.get("rot1", transform.rot1), perm=transform.perm,
                           rot2=new.get("rot2", transform.rot2), kind=transform.kind,
                           permutation=transform.permutation)
