@@ -48,7 +48,16 @@ def main() -> int:
     for r in top:
         why = sorted(((num(r[c]), c) for c in reasons), reverse=True)[:2]
         why_s = ", ".join(f"{c} {v:.0f}" for v, c in why if v)
-        print(f"{num(r[samp_col]) / total:6.1%}  {r.get('Address', '')[:8]:8}  {r.get('Source', '')[:70]:70}  {why_s}")
+        print(f"{num(r[samp_col]) / total:6.1%}  #{body.index(r):<5} {r.get('Source', '')[:70]:70}  {why_s}")
+    # where the excess traffic is (bank conflicts, uncoalesced sectors): the instructions behind ncu's rules
+    for col in [c for c in head if "Excessive" in c]:
+        tot = sum(num(r[col]) for r in body)
+        if not tot:
+            continue
+        print(f"\n{col}: {tot:.0f} in all")
+        for r in sorted(body, key=lambda r: -num(r[col]))[:8]:
+            if num(r[col]):
+                print(f"{num(r[col]) / tot:6.1%}  #{body.index(r):<5} {r.get('Source', '')[:70]}")
     return 0
 
 
