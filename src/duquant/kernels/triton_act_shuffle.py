@@ -29,6 +29,8 @@ multiplying with 1/s for fp16 / bf16 rotations (``act_quant_shuffle``'s ``exact_
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -54,6 +56,18 @@ def _fold_shuffle(y, BR: tl.constexpr, NB: tl.constexpr, G: tl.constexpr, BS: tl
         out = tl.trans(tl.reshape(y, (BS, NB)))
     else:
         out = tl.reshape(tl.permute(tl.reshape(y, (BR, NB, G, NB)), (0, 3, 1, 2)), (BR * NB, BS))
+    return out
+
+
+@triton.jit
+def _chunk_shuffle(y, BR: tl.constexpr, NB: tl.constexpr, G: tl.constexpr, BS: tl.constexpr):
+    """The same fold for R1 in its own column order (``fold="chunk"``): [BR * NB, BS] R1 products (rows = token,
+    input block b; columns j * G + e) -> R2 inputs (rows = token, output block j; columns b * G + e). Pieces of G
+    channels move whole, so each keeps its 2 G contiguous bytes on the way through shared memory."""
+    if BR == 1:
+        out = tl.reshape(tl.permute(tl.reshape(y, (NB, NB, G)), (1, 0, 2)), (NB, BS))
+    else:
+        out = tl.reshape(tl.permute(tl.reshape(y, (BR, NB, NB, G)), (0, 2, 1, 3)), (BR * NB, BS))
     return out
 
 
@@ -89,6 +103,7 @@ def _shuffle_act_kernel(
     HAS_SMOOTH: tl.constexpr, SYMMETRIC: tl.constexpr, DOT: tl.constexpr, EXACT_DIV: tl.constexpr,
     USE_LIBDEVICE: tl.constexpr, SPLIT: tl.constexpr, FP8: tl.constexpr, ROUND_E4M3: tl.constexpr,
     STAGES: tl.constexpr, PREFETCH: tl.constexpr, GEGLU: tl.constexpr, FP8_SUM: tl.constexpr,
+    CHUNK: tl.constexpr = False,
 ):
     """GEGLU: x is the gate and ``u_ptr`` the up projection's output; the transformed input is their
     gelu-tanh product (``_gelu_tanh_mul``), computed here instead of in a kernel of its own (producer fusion
@@ -139,7 +154,10 @@ def _shuffle_act_kernel(
         y = _dot(x, r1, DOT)
         if DOT >= 2:
             y = y.to(r2.dtype)
-        y = _dot(_fold_shuffle(y, BR, NB, G, BS), r2, DOT)
+        if CHUNK:
+            y = _dot(_chunk_shuffle(y, BR, NB, G, BS), r2, DOT)
+        else:
+            y = _dot(_fold_shuffle(y, BR, NB, G, BS), r2, DOT)
         if PRESCALE:
             y = y * (1.0 / f)[:, None]  # exact: f is a power of two
 
@@ -166,6 +184,8 @@ def _shuffle_act_kernel(
 
 # ---- host side ----------------------------------------------------------------------------------------------------
 
+FOLDS = ("transpose", "chunk")
+
 def cannot_run(plan: ActPlan, precision: str = "fp16") -> str | None:
     """Why the folded kernel cannot run `plan` (None when it can): it runs exactly the shuffle permutation of whole
     128-wide blocks with one shared R1 and R2 (both present) and at least 16 blocks... or fewer with several tokens
@@ -183,19 +203,22 @@ def cannot_run(plan: ActPlan, precision: str = "fp16") -> str | None:
     return None
 
 
-def folded_matrices(plan: ActPlan, precision: str, split: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def folded_matrices(plan: ActPlan, precision: str, split: bool = False,
+                    fold: str = "transpose") -> tuple[torch.Tensor, torch.Tensor]:
     """(R1 with columns e * NB + j <- j * G + e, R2; with `split` R2's even columns first, then its odd ones) in
-    the dot's operand dtype, cached on the plan."""
+    the dot's operand dtype, cached on the plan. ``fold="chunk"``: R1 in its own column order (the kernel moves
+    whole G-channel pieces instead, ``_chunk_shuffle``)."""
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     cache = plan.__dict__.setdefault("_folded_mats", {})
-    if (dtype, split) not in cache:
+    if (dtype, split, fold) not in cache:
         bs, nb = plan.BS, plan.K // plan.BS
         g = bs // nb
         c = torch.arange(bs, device=plan.r1.device)
         kappa = (c % nb) * g + c // nb  # folded column c = e * NB + j takes column j * G + e
+        r1 = plan.r1[0] if fold == "chunk" else plan.r1[0][:, kappa]
         r2 = plan.r2[0][:, torch.cat([c[0::2], c[1::2]])] if split else plan.r2[0]
-        cache[dtype, split] = (plan.r1[0][:, kappa].to(dtype).contiguous(), r2.to(dtype).contiguous())
-    return cache[dtype, split]
+        cache[dtype, split, fold] = (r1.to(dtype).contiguous(), r2.to(dtype).contiguous())
+    return cache[dtype, split, fold]
 
 
 def default_config(m: int, k: int, bs: int = 128) -> tuple[int, int, int]:
@@ -214,7 +237,8 @@ def act_quant_shuffle(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False
                       layout: str = "natural", precision: str = "fp16", exact_div: bool | None = None,
                       block_tokens: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                       programs: int | None = None, fp8: bool = False, prefetch: bool | None = None,
-                      out: tuple | None = None, up: torch.Tensor | None = None, fp8_sum: bool = False):
+                      out: tuple | None = None, up: torch.Tensor | None = None, fp8_sum: bool = False,
+                      fold: str | None = None):
     """``triton_act_tile.act_quant_tile``'s contract for a shuffle-permutation plan (``cannot_run`` says when
     not): x [M, K] -> (codes, scale, zero | None, rowsum | None). K is whole blocks, so the split layout has no pad
     column here.
@@ -225,7 +249,10 @@ def act_quant_shuffle(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False
     that ulp of a half-integer; it saves 15 % (H100, BENCHMARKS.md §4). ``prefetch`` (default on): the first x
     tile is requested before the matrices are staged and the next one before each step computes. ``up``: x is
     the gate and ``up`` the up projection's output of a GeGLU MLP; the kernel transforms gelu_tanh(x) * up
-    (rounded once to x's dtype, as the compiled float path stores it) without that product ever being written."""
+    (rounded once to x's dtype, as the compiled float path stores it) without that product ever being written.
+    ``fold``: how the permutation passes through shared memory between the two rotations, ``"transpose"`` (R1's
+    columns reordered, the R1 product transposed) or ``"chunk"`` (whole G-channel pieces moved; the same
+    products, so the same codes); default ``DUQUANT_FOLD``, else transpose."""
     why = cannot_run(plan, precision)
     if why:
         raise ValueError(why)
@@ -263,7 +290,10 @@ def act_quant_shuffle(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False
     if br & (br - 1) or br * nb < 16:
         raise ValueError(f"block_tokens={br}: a power of two with at least 16 rows per step for tl.dot "
                          f"({nb} blocks per token)")
-    r1, r2 = folded_matrices(plan, precision, split=layout == "split")
+    fold = fold or os.environ.get("DUQUANT_FOLD", "transpose")
+    if fold not in FOLDS:
+        raise ValueError(f"fold={fold!r}: one of {FOLDS} (DUQUANT_FOLD)")
+    r1, r2 = folded_matrices(plan, precision, split=layout == "split", fold=fold)
     n_steps = triton.cdiv(m, br)
     nprog = min(n_steps, programs or _max_programs(dev))
     inv_s = plan.inv_smooth if plan.inv_smooth is not None else scale
@@ -277,6 +307,6 @@ def act_quant_shuffle(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False
         USE_LIBDEVICE=not _INTERPRET and libdevice is not None,
         SPLIT=layout == "split", FP8=bool(fp8), ROUND_E4M3=_INTERPRET, STAGES=stages,
         PREFETCH=bool(True if prefetch is None else prefetch), GEGLU=up is not None,
-        FP8_SUM=bool(fp8 and rowsum is not None), num_warps=warps,
+        FP8_SUM=bool(fp8 and rowsum is not None), CHUNK=fold == "chunk", num_warps=warps,
     )
     return codes, scale, zero, rowsum
