@@ -141,7 +141,7 @@ def fold_configs(m: int, k: int, quick: bool) -> list[dict]:
     """The folded shuffle kernel: its default ({}), then (tokens per step, warps) candidates, each with and without
     the x prefetch and the IEEE division (x * (1/s) changes codes against the spec), then other grid sizes."""
     if quick:
-        return [{}, {"fold": "chunk"}]
+        return [{}, {"fold": "transpose"}]
     nb = k // 128
     cands = {16: [(4, 4), (2, 4), (2, 8), (1, 4), (1, 8)], 128: [(1, 8), (1, 16)]}.get(
         nb, [(max(1, 16 // nb), 4), (max(1, 16 // nb), 8), (max(1, 32 // nb), 4)])
@@ -158,12 +158,12 @@ def fold_configs(m: int, k: int, quick: bool) -> list[dict]:
     br, warps, stages = default_config(m, k)
     sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 4
     cfgs += [dict(block_tokens=br, num_warps=warps, num_stages=stages, programs=p) for p in (sms, 4 * sms)]
-    return cfgs + [dict(c, fold="chunk") for c in cfgs if "exact_div" not in c]
+    return cfgs + [dict(c, fold="transpose") for c in cfgs if "exact_div" not in c]
 
 
 def fold_name(c: dict) -> str:
-    if c.get("fold") == "chunk":
-        return fold_name({k: v for k, v in c.items() if k != "fold"}) + " (chunk fold)"
+    if c.get("fold"):
+        return fold_name({k: v for k, v in c.items() if k != "fold"}) + f" ({c['fold']} fold)"
     if not c:
         return "fold default"
     parts = [f"BR={c['block_tokens']}", f"w={c['num_warps']}", f"st={c['num_stages']}"]

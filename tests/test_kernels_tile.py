@@ -205,8 +205,8 @@ def test_gpu_folded_shuffle_kernel_matches_reference(m, k, symmetric):
         assert torch.equal(rs.cpu(), reference.code_row_sums(codes.cpu()))
         split = act_quant_shuffle(x, plan, symmetric=symmetric, clip=0.9, precision=precision, layout="split")[0]
         assert torch.equal(split.cpu(), reference.split_int4_order(codes.cpu()))
-        chunk = act_quant_shuffle(x, plan, symmetric=symmetric, clip=0.9, precision=precision, fold="chunk")
-        assert torch.equal(chunk[0], codes) and torch.equal(chunk[1], sx), (precision, "chunk fold")
+        tr = act_quant_shuffle(x, plan, symmetric=symmetric, clip=0.9, precision=precision, fold="transpose")
+        assert torch.equal(tr[0], codes) and torch.equal(tr[1], sx), (precision, "transpose fold")
     c8, s8, _, _ = act_quant_shuffle(x, plan, clip=0.9, fp8=True)
     rc8, rs8 = fp8_quantize(t.apply(x.cpu().float()), 0.9)
     ulp = torch.exp2(torch.floor(torch.log2(rc8.float().abs().clamp(min=2.0 ** -9))) - 3).clamp(min=2.0 ** -9)
@@ -305,10 +305,10 @@ _FOLD_SCRIPT = PREAMBLE + textwrap.dedent("""
             if not sym:
                 assert bool(((zx - rzx).abs() <= (0 if prec == "ieee" else 1)).all()), k
             assert torch.equal(rs, reference.code_row_sums(codes)), k
-            # the chunk fold moves whole pieces instead of transposing: the same products, the same codes
-            chunk = act_quant_shuffle(x, plan, symmetric=sym, clip=0.9, layout=layout, precision=prec,
-                                      block_tokens=br, prefetch=br == 2, programs=3, fold="chunk")
-            assert torch.equal(chunk[0], codes) and torch.equal(chunk[1], sx), (k, bs, prec, "chunk")
+            # the transpose fold (R1's columns reordered) against the default chunk fold: the same products
+            tr = act_quant_shuffle(x, plan, symmetric=sym, clip=0.9, layout=layout, precision=prec,
+                                   block_tokens=br, prefetch=br == 2, programs=3, fold="transpose")
+            assert torch.equal(tr[0], codes) and torch.equal(tr[1], sx), (k, bs, prec, "transpose")
         # the tile kernel's default call sends a shuffle plan here: same codes as asking for it by name
         got = act_quant_tile(x, plan, symmetric=sym, clip=0.9, layout=layout, precision="ieee")
         assert torch.equal(got[0], act_quant_shuffle(x, plan, symmetric=sym, clip=0.9, layout=layout,

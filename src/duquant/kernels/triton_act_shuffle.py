@@ -12,7 +12,12 @@ column j of that view *is* output block j, in order. So
 
 is a reshape and one transposed dot operand, which Triton serves from the shared memory the second dot needs
 anyway. With BR > 1 tokens per step the token axis sits between b and e and a 4-D permute remains (still one
-shared-memory pass, no global scratch). Rows of Z are (token, output block): the codes are stored exactly as the
+shared-memory pass, no global scratch). That is ``fold="transpose"``. The default, ``fold="chunk"``, keeps R1 in
+its own column order (column j * G + e) and moves whole pieces instead: Y read as [BR, NB(b), NB(j), G] is
+permuted to [BR, NB(j), NB(b), G], so each piece keeps its G contiguous channels and the R2 operand goes through a
+row-major buffer. The transposed product went through a column-major one, whose stores ncu measured with 10-way
+bank conflicts on the H200 (half of the launch's shared-store wavefronts at 816 x 2048); where G = 1 (K = 16384)
+the two are the same code. Rows of Z are (token, output block): the codes are stored exactly as the
 tile kernel stores them, in natural order or in the packed-int4 GEMM's split order (even channels, then odd
 ones). For the split order R2's columns are reordered too, even ones first: each half of a row of Z is then one
 contiguous 64-byte run of the split layout, stored as it is (no deinterleave in registers).
@@ -250,9 +255,11 @@ def act_quant_shuffle(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False
     tile is requested before the matrices are staged and the next one before each step computes. ``up``: x is
     the gate and ``up`` the up projection's output of a GeGLU MLP; the kernel transforms gelu_tanh(x) * up
     (rounded once to x's dtype, as the compiled float path stores it) without that product ever being written.
-    ``fold``: how the permutation passes through shared memory between the two rotations, ``"transpose"`` (R1's
-    columns reordered, the R1 product transposed) or ``"chunk"`` (whole G-channel pieces moved; the same
-    products, so the same codes); default ``DUQUANT_FOLD``, else transpose."""
+    ``fold``: how the permutation passes through shared memory between the two rotations, ``"chunk"`` (the
+    default: whole G-channel pieces moved, a row-major buffer) or ``"transpose"`` (R1's columns reordered, the
+    R1 product transposed into a column-major buffer: 10-way bank conflicts on its stores, ncu on the H200); the
+    same products, so the same codes. Default ``DUQUANT_FOLD``, else chunk (H200, BENCHMARKS.md §4: 9.75 ->
+    8.73 us at 816 x 2048, 93.1 -> 78.9 at 13056 x 2048; the same code where G = 1, K = 16384)."""
     why = cannot_run(plan, precision)
     if why:
         raise ValueError(why)
@@ -290,7 +297,7 @@ def act_quant_shuffle(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False
     if br & (br - 1) or br * nb < 16:
         raise ValueError(f"block_tokens={br}: a power of two with at least 16 rows per step for tl.dot "
                          f"({nb} blocks per token)")
-    fold = fold or os.environ.get("DUQUANT_FOLD", "transpose")
+    fold = fold or os.environ.get("DUQUANT_FOLD", "chunk")
     if fold not in FOLDS:
         raise ValueError(f"fold={fold!r}: one of {FOLDS} (DUQUANT_FOLD)")
     r1, r2 = folded_matrices(plan, precision, split=layout == "split", fold=fold)
