@@ -115,7 +115,7 @@ def shuffle_kernel_report(block_tokens: int, nb: int, num_warps: int, precision:
            "stride_um": "i32"}
     cons = dict(BR=block_tokens, NB=nb, BS=128, G=128 // nb, HAS_SMOOTH=True, SYMMETRIC=False, DOT=dot,
                 EXACT_DIV=precision in ("ieee", "tf32"), USE_LIBDEVICE=True, SPLIT=split, FP8=fp8, ROUND_E4M3=False,
-                STAGES=stages, PREFETCH=True, GEGLU=False, FP8_SUM=False)  # the host's defaults
+                STAGES=stages, PREFETCH=True, GEGLU=False, FP8_SUM=False, CHUNK=True)  # the host's defaults
     cons.update(flags)
     if cons["FP8_SUM"]:
         sig["rowsum_ptr"] = "*fp32"

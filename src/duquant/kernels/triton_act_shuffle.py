@@ -107,8 +107,7 @@ def _shuffle_act_kernel(
     BR: tl.constexpr, NB: tl.constexpr, BS: tl.constexpr, G: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, SYMMETRIC: tl.constexpr, DOT: tl.constexpr, EXACT_DIV: tl.constexpr,
     USE_LIBDEVICE: tl.constexpr, SPLIT: tl.constexpr, FP8: tl.constexpr, ROUND_E4M3: tl.constexpr,
-    STAGES: tl.constexpr, PREFETCH: tl.constexpr, GEGLU: tl.constexpr, FP8_SUM: tl.constexpr,
-    CHUNK: tl.constexpr = False,
+    STAGES: tl.constexpr, PREFETCH: tl.constexpr, GEGLU: tl.constexpr, FP8_SUM: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """GEGLU: x is the gate and ``u_ptr`` the up projection's output; the transformed input is their
     gelu-tanh product (``_gelu_tanh_mul``), computed here instead of in a kernel of its own (producer fusion
