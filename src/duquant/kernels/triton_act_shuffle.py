@@ -188,7 +188,8 @@ def _shuffle_act_kernel(
 
 # ---- host side ----------------------------------------------------------------------------------------------------
 
-FOLDS = ("transpose", "chunk")
+FOLDS = ("chunk", "transpose")  # how the permutation passes between the rotations (act_quant_shuffle's `fold`)
+
 
 def cannot_run(plan: ActPlan, precision: str = "fp16") -> str | None:
     """Why the folded kernel cannot run `plan` (None when it can): it runs exactly the shuffle permutation of whole
@@ -208,10 +209,10 @@ def cannot_run(plan: ActPlan, precision: str = "fp16") -> str | None:
 
 
 def folded_matrices(plan: ActPlan, precision: str, split: bool = False,
-                    fold: str = "transpose") -> tuple[torch.Tensor, torch.Tensor]:
-    """(R1 with columns e * NB + j <- j * G + e, R2; with `split` R2's even columns first, then its odd ones) in
-    the dot's operand dtype, cached on the plan. ``fold="chunk"``: R1 in its own column order (the kernel moves
-    whole G-channel pieces instead, ``_chunk_shuffle``)."""
+                    fold: str = "chunk") -> tuple[torch.Tensor, torch.Tensor]:
+    """(R1, R2) in the dot's operand dtype, cached on the plan: R1 in its own column order for ``fold="chunk"``
+    (the kernel moves whole G-channel pieces, ``_chunk_shuffle``), with columns e * NB + j <- j * G + e for
+    ``fold="transpose"`` (``_fold_shuffle``); with `split` R2's even columns first, then its odd ones."""
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     cache = plan.__dict__.setdefault("_folded_mats", {})
     if (dtype, split, fold) not in cache:
@@ -257,7 +258,7 @@ def act_quant_shuffle(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False
     ``fold``: how the permutation passes through shared memory between the two rotations, ``"chunk"`` (the
     default: whole G-channel pieces moved, a row-major buffer) or ``"transpose"`` (R1's columns reordered, the
     R1 product transposed into a column-major buffer: 10-way bank conflicts on its stores, ncu on the H200); the
-    same products, so the same codes. Default ``DUQUANT_FOLD``, else chunk (H200, BENCHMARKS.md §4: 9.75 ->
+    same products, so the same codes. Default ``DUQUANT_FOLD``, else chunk (H200, BENCHMARKS.md §4b: 9.75 ->
     8.73 us at 816 x 2048, 93.1 -> 78.9 at 13056 x 2048; the same code where G = 1, K = 16384)."""
     why = cannot_run(plan, precision)
     if why:
