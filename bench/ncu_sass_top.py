@@ -25,6 +25,8 @@ def main() -> int:
     head_i = next(i for i, r in enumerate(rows) if any("Source" == c.strip() for c in r))
     head = [c.strip() for c in rows[head_i]]
     body = [dict(zip(head, r)) for r in rows[head_i + 1:] if len(r) == len(head)]
+    for i, r in enumerate(body):  # the SASS line number, printed with each instruction
+        r["#"] = i
     samp_col = next((c for c in head if c.startswith("Warp Stall Sampling (All")), None)
     if samp_col is None:
         print("columns:", head, file=sys.stderr)
@@ -48,7 +50,7 @@ def main() -> int:
     for r in top:
         why = sorted(((num(r[c]), c) for c in reasons), reverse=True)[:2]
         why_s = ", ".join(f"{c} {v:.0f}" for v, c in why if v)
-        print(f"{num(r[samp_col]) / total:6.1%}  #{body.index(r):<5} {r.get('Source', '')[:70]:70}  {why_s}")
+        print(f"{num(r[samp_col]) / total:6.1%}  #{r['#']:<5} {r.get('Source', '')[:70]:70}  {why_s}")
     # where the excess traffic is (bank conflicts, uncoalesced sectors): the instructions behind ncu's rules
     for col in [c for c in head if "Excessive" in c]:
         tot = sum(num(r[col]) for r in body)
@@ -57,7 +59,7 @@ def main() -> int:
         print(f"\n{col}: {tot:.0f} in all")
         for r in sorted(body, key=lambda r: -num(r[col]))[:8]:
             if num(r[col]):
-                print(f"{num(r[col]) / tot:6.1%}  #{body.index(r):<5} {r.get('Source', '')[:70]}")
+                print(f"{num(r[col]) / tot:6.1%}  #{r['#']:<5} {r.get('Source', '')[:70]}")
     return 0
 
 
