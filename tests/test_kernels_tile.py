@@ -207,6 +207,8 @@ def test_gpu_folded_shuffle_kernel_matches_reference(m, k, symmetric):
         assert torch.equal(split.cpu(), reference.split_int4_order(codes.cpu()))
         tr = act_quant_shuffle(x, plan, symmetric=symmetric, clip=0.9, precision=precision, fold="transpose")
         assert torch.equal(tr[0], codes) and torch.equal(tr[1], sx), (precision, "transpose fold")
+        ps = act_quant_shuffle(x, plan, symmetric=symmetric, clip=0.9, precision=precision, hoist_smooth=False)
+        assert torch.equal(ps[0], codes) and torch.equal(ps[1], sx), (precision, "smoothing tile per step")
     c8, s8, _, _ = act_quant_shuffle(x, plan, clip=0.9, fp8=True)
     rc8, rs8 = fp8_quantize(t.apply(x.cpu().float()), 0.9)
     ulp = torch.exp2(torch.floor(torch.log2(rc8.float().abs().clamp(min=2.0 ** -9))) - 3).clamp(min=2.0 ** -9)
@@ -309,6 +311,10 @@ _FOLD_SCRIPT = PREAMBLE + textwrap.dedent("""
             tr = act_quant_shuffle(x, plan, symmetric=sym, clip=0.9, layout=layout, precision=prec,
                                    block_tokens=br, prefetch=br == 2, programs=3, fold="transpose")
             assert torch.equal(tr[0], codes) and torch.equal(tr[1], sx), (k, bs, prec, "transpose")
+            # the smoothing tile loaded once per program (the default) or once per step: the same products
+            ps = act_quant_shuffle(x, plan, symmetric=sym, clip=0.9, layout=layout, precision=prec,
+                                   block_tokens=br, prefetch=br == 2, programs=3, hoist_smooth=False)
+            assert all(torch.equal(a, b) for a, b in zip(ps, (codes, sx, zx, rs)) if a is not None), (k, bs, prec)
         # the tile kernel's default call sends a shuffle plan here: same codes as asking for it by name
         got = act_quant_tile(x, plan, symmetric=sym, clip=0.9, layout=layout, precision="ieee")
         assert torch.equal(got[0], act_quant_shuffle(x, plan, symmetric=sym, clip=0.9, layout=layout,

@@ -117,6 +117,7 @@ def shuffle_kernel_report(block_tokens: int, nb: int, num_warps: int, precision:
                 EXACT_DIV=precision in ("ieee", "tf32"), USE_LIBDEVICE=True, SPLIT=split, FP8=fp8, ROUND_E4M3=False,
                 STAGES=stages, PREFETCH=True, GEGLU=False, FP8_SUM=False, CHUNK=True)  # the host's defaults
     cons.update(flags)
+    cons.setdefault("HOIST_SMOOTH", not cons["GEGLU"])  # the host hoists the smoothing tile except with GEGLU
     if cons["FP8_SUM"]:
         sig["rowsum_ptr"] = "*fp32"
     return compile_report(_shuffle_act_kernel, sig, cons, num_warps=num_warps, arch=arch)

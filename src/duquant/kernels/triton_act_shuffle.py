@@ -24,8 +24,12 @@ contiguous 64-byte run of the split layout, stored as it is (no deinterleave in 
 
 Latency (ncu on the H100, BENCHMARKS.md §4): a persistent program reads the two 32 KB matrices once, and with
 ``PREFETCH`` (the default) its first x tile is requested before the matrices are staged and each next tile before
-the current step computes; without it every program waited for two global latencies back to back. Triton's own
-pipelining (``STAGES`` > 1) costs a shared-memory buffer per stage and measured slower.
+the current step computes; without it every program waited for two global latencies back to back. The smoothing
+tile (``HOIST_SMOOTH``, the default) is the same [NB, BS] slice of 1/s at every step, so it too is requested once,
+beside the first x tile, instead of once per step inside the latency chain (ncu had the smoothing multiply's wait
+on it among the top stalls; H200, BENCHMARKS.md §4c: 49.2 -> 40.4 us at 816 x 16384 with the grid below, 8.7 ->
+8.1 at 816 x 2048). Triton's own pipelining (``STAGES`` > 1) costs a shared-memory buffer per stage and measured
+slower. The persistent grid is as many programs as fit on the device at once (``grid_programs``).
 
 Numerics are the tile kernel's (``triton_act_tile``): fp16 rotations after a per-token power-of-two scaling,
 float32 accumulation, round half to even for the codes (``reference.act_quant``'s spec); the int8 codes divide by
@@ -40,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from duquant.kernels.triton_act import ActPlan, _max_programs, libdevice
+from duquant.kernels.triton_act import ActPlan, _max_programs, libdevice, multiprocessors
 from duquant.kernels.triton_act_tile import (
     _INTERPRET,
     PRECISIONS,
@@ -108,6 +112,7 @@ def _shuffle_act_kernel(
     HAS_SMOOTH: tl.constexpr, SYMMETRIC: tl.constexpr, DOT: tl.constexpr, EXACT_DIV: tl.constexpr,
     USE_LIBDEVICE: tl.constexpr, SPLIT: tl.constexpr, FP8: tl.constexpr, ROUND_E4M3: tl.constexpr,
     STAGES: tl.constexpr, PREFETCH: tl.constexpr, GEGLU: tl.constexpr, FP8_SUM: tl.constexpr, CHUNK: tl.constexpr,
+    HOIST_SMOOTH: tl.constexpr = False,
 ):
     """GEGLU: x is the gate and ``u_ptr`` the up projection's output; the transformed input is their
     gelu-tanh product (``_gelu_tanh_mul``), computed here instead of in a kernel of its own (producer fusion
@@ -122,6 +127,8 @@ def _shuffle_act_kernel(
         if GEGLU:
             u_next = _load_tile(u_ptr, stride_um, M, K, pid, BR, NB, BS, True)
     kk = tl.arange(0, BS)
+    if HOIST_SMOOTH:  # the [NB, BS] smoothing tile is the same every step: requested once, beside the x prefetch
+        inv_s_tile = tl.load(inv_s_ptr + tl.arange(0, NB)[:, None] * BS + kk[None, :])
     r1 = tl.load(r1_ptr + kk[:, None] * BS + kk[None, :])
     r2 = tl.load(r2_ptr + kk[:, None] * BS + kk[None, :])
     for step in tl.range(pid, n_steps, nprog, num_stages=STAGES):
@@ -148,7 +155,10 @@ def _shuffle_act_kernel(
             else:
                 x = x.to(tl.float32)
         if HAS_SMOOTH:
-            x = x * tl.load(inv_s_ptr + chan)
+            if HOIST_SMOOTH:
+                x = tl.reshape(tl.reshape(x, (BR, NB, BS)) * inv_s_tile[None, :, :], (R, BS))
+            else:
+                x = x * tl.load(inv_s_ptr + chan)
         if PRESCALE:  # power of two per token: exact, keeps fp16 operands in range (triton_act_tile)
             amax = _per_token(tl.max(tl.abs(x), axis=1), BR, NB, 0)
             f = _to_rows(tl.exp2(11.0 - tl.floor(tl.log2(tl.maximum(amax, 1e-30)))), BR, NB)
@@ -226,6 +236,17 @@ def folded_matrices(plan: ActPlan, precision: str, split: bool = False,
     return cache[dtype, split, fold]
 
 
+def grid_programs(device, warps: int) -> int:
+    """Programs of the persistent grid: as many as are resident at once (DUQUANT_ACT_PROGRAMS overrides). An
+    8-warp program (one token of K = 16384 a step) needs about 254 registers a thread, so one fits per
+    multiprocessor, and a grid of two per multiprocessor ran as two waves (H200, hoisted smoothing: 43.5 vs
+    40.4 us at 816 x 16384); two 4-warp programs fit (82 KB of shared memory each), and one per multiprocessor was
+    slower there (8.1 vs 9.1 us at 816 x 2048; BENCHMARKS.md §4c)."""
+    if os.environ.get("DUQUANT_ACT_PROGRAMS"):
+        return _max_programs(device)
+    return multiprocessors(device) * (1 if warps >= 8 else 2)
+
+
 def default_config(m: int, k: int, bs: int = 128) -> tuple[int, int, int]:
     """(BR tokens per step, num_warps, num_stages), from the H100 sweep (BENCHMARKS.md §4, bench/act_transform.py
     --fold-sweep, with the x prefetch): steps of 64 rows for many tokens of 16 blocks (K = 2048: 10.0 us at
@@ -243,7 +264,7 @@ def act_quant_shuffle(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False
                       block_tokens: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                       programs: int | None = None, fp8: bool = False, prefetch: bool | None = None,
                       out: tuple | None = None, up: torch.Tensor | None = None, fp8_sum: bool = False,
-                      fold: str | None = None):
+                      fold: str | None = None, hoist_smooth: bool | None = None, max_registers: int | None = None):
     """``triton_act_tile.act_quant_tile``'s contract for a shuffle-permutation plan (``cannot_run`` says when
     not): x [M, K] -> (codes, scale, zero | None, rowsum | None). K is whole blocks, so the split layout has no pad
     column here.
@@ -259,7 +280,11 @@ def act_quant_shuffle(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False
     default: whole G-channel pieces moved, a row-major buffer) or ``"transpose"`` (R1's columns reordered, the
     R1 product transposed into a column-major buffer: 10-way bank conflicts on its stores, ncu on the H200); the
     same products, so the same codes. Default ``DUQUANT_FOLD``, else chunk (H200, BENCHMARKS.md §4b: 9.75 ->
-    8.73 us at 816 x 2048, 93.1 -> 78.9 at 13056 x 2048; the same code where G = 1, K = 16384)."""
+    8.73 us at 816 x 2048, 93.1 -> 78.9 at 13056 x 2048; the same code where G = 1, K = 16384). ``hoist_smooth``
+    (default: on, except with ``up``, where it would spill at K = 16384): the smoothing tile is loaded once per
+    program, not once per step; the same products. ``max_registers``: a register cap for launch sweeps
+    (Triton's ``maxnreg``; none by default: 128 lets two 8-warp programs share a multiprocessor, slower with the
+    hoisted tile, BENCHMARKS.md §4c). ``programs``: the persistent grid (default ``grid_programs``)."""
     why = cannot_run(plan, precision)
     if why:
         raise ValueError(why)
@@ -302,7 +327,8 @@ def act_quant_shuffle(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False
         raise ValueError(f"fold={fold!r}: one of {FOLDS} (DUQUANT_FOLD)")
     r1, r2 = folded_matrices(plan, precision, split=layout == "split", fold=fold)
     n_steps = triton.cdiv(m, br)
-    nprog = min(n_steps, programs or _max_programs(dev))
+    nprog = min(n_steps, programs or grid_programs(dev, warps))
+    hoist_smooth = up is None if hoist_smooth is None else hoist_smooth
     inv_s = plan.inv_smooth if plan.inv_smooth is not None else scale
     _shuffle_act_kernel[(nprog,)](
         x, x.stride(0), m, n_steps, inv_s, r1, r2,
@@ -314,6 +340,8 @@ def act_quant_shuffle(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False
         USE_LIBDEVICE=not _INTERPRET and libdevice is not None,
         SPLIT=layout == "split", FP8=bool(fp8), ROUND_E4M3=_INTERPRET, STAGES=stages,
         PREFETCH=bool(True if prefetch is None else prefetch), GEGLU=up is not None,
-        FP8_SUM=bool(fp8 and rowsum is not None), CHUNK=fold == "chunk", num_warps=warps,
+        FP8_SUM=bool(fp8 and rowsum is not None), CHUNK=fold == "chunk",
+        HOIST_SMOOTH=bool(hoist_smooth and plan.inv_smooth is not None), num_warps=warps,
+        **({} if max_registers is None else {"maxnreg": int(max_registers)}),
     )
     return codes, scale, zero, rowsum

@@ -1,0 +1,91 @@
+# ruff: noqa: B023  (timed closures run before the loop moves on)
+"""Launch variants of the folded activation kernel (kernels/triton_act_shuffle.py) against its default launch, per
+shape, in one process: the smoothing tile requested once per program (``hoist_smooth``), a register cap
+(``max_registers``: 128 lets two 8-warp programs share an SM at K = 16384, where 210 registers allow one), and the
+persistent grid (``programs``). Every variant's codes, scales and sums are compared with the default launch's for
+equality first (the arithmetic is the same), then timed (median of CUDA-graph replays, 20 calls per graph).
+
+    PYTHONPATH=src python3 bench/act_variants.py [--shapes 816x16384,816x2048] [--variants default,hoist,...]
+        [--out DIR]
+
+Writes act_variants.{json,md}. Exits 1 when a variant's outputs differ from the default's, 2 when it cannot run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernel_bench  # noqa: E402
+
+SHAPES = "816x2048,816x16384,51x1024,51x2048,13056x2048,13056x16384"
+
+
+def variants(sms: int) -> dict[str, dict]:
+    return {
+        "default": {},
+        "hoist": {"hoist_smooth": True},
+        "regs128": {"max_registers": 128},
+        "hoist+regs128": {"hoist_smooth": True, "max_registers": 128},
+        f"programs{sms}": {"programs": sms},
+        f"hoist+programs{sms}": {"hoist_smooth": True, "programs": sms},
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default=SHAPES)
+    p.add_argument("--variants", default="", help="comma-separated names (default: all)")
+    p.add_argument("--layouts", default="natural,split")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    a = p.parse_args()
+    code = kernel_bench.cannot_run("act_variants")
+    if code is not None:
+        return code
+    from duquant.kernels.triton_act import build_act_plan
+    from duquant.kernels.triton_act_shuffle import act_quant_shuffle
+    from duquant.random_layers import random_activations, random_transform
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    table = variants(sms)
+    names = [n for n in a.variants.split(",") if n] or list(table)
+    rows, bad = [], []
+    for shape in a.shapes.split(","):
+        m, k = (int(v) for v in shape.split("x"))
+        plan = build_act_plan(random_transform(k, "duquant", 128, seed=k, steps=4, permute="shuffle"), k, "cuda")
+        x = random_activations(m, k, seed=1, dtype=torch.bfloat16, device="cuda")
+        for layout in a.layouts.split(","):
+            ref = act_quant_shuffle(x, plan, clip=0.9, layout=layout)
+            row = {"shape": shape, "layout": layout}
+            for name in names:
+                kw = table[name]
+                out = act_quant_shuffle(x, plan, clip=0.9, layout=layout, **kw)
+                same = all((u is None and v is None) or torch.equal(u, v) for u, v in zip(ref, out))
+                if not same:
+                    bad.append(f"{shape} {layout} {name}")
+                    row[name] = "differs"
+                    continue
+                row[name] = kernel_bench.time_graph(lambda: act_quant_shuffle(x, plan, clip=0.9, layout=layout,
+                                                                              **kw), calls=20)
+            rows.append(row)
+            print({k_: (round(v, 2) if isinstance(v, float) else v) for k_, v in row.items()}, flush=True)
+    env = kernel_bench.env_info()
+    md = [f"Folded activation kernel launch variants, µs per call, {env['gpu']}, commit {env['commit']}, "
+          f"{env['date']}", "", "| shape | layout | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for r in rows:
+        md.append(f"| {r['shape']} | {r['layout']} | " + " | ".join(
+            f"{r[n]:.2f}" if isinstance(r[n], float) else str(r[n]) for n in names) + " |")
+    kernel_bench.write(a.out, "act_variants", {"env": env, "rows": rows, "differs": bad}, "\n".join(md) + "\n")
+    if bad:
+        print("outputs differ from the default launch:", bad)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
