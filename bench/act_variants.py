@@ -1,12 +1,13 @@
 # ruff: noqa: B023  (timed closures run before the loop moves on)
 """Launch variants of the folded activation kernel (kernels/triton_act_shuffle.py) against its default launch, per
-shape, in one process: the smoothing tile requested once per program (``hoist_smooth``), a register cap
-(``max_registers``: 128 lets two 8-warp programs share an SM at K = 16384, where 210 registers allow one), and the
-persistent grid (``programs``). Every variant's codes, scales and sums are compared with the default launch's for
-equality first (the arithmetic is the same), then timed (median of CUDA-graph replays, 20 calls per graph).
+shape, in one process: the smoothing tile requested at every step instead of once per program (``hoist_smooth``),
+the persistent grid (``programs``), a register cap (``max_registers``: 128 lets two 8-warp programs share a
+multiprocessor at K = 16384), and the launch before 4035bc1 ("before"). Every variant's codes, scales and sums
+are first compared with the default launch's for equality (the arithmetic is the same), then timed (median of
+CUDA-graph replays, 20 calls per graph).
 
-    PYTHONPATH=src python3 bench/act_variants.py [--shapes 816x16384,816x2048] [--variants default,hoist,...]
-        [--out DIR]
+    PYTHONPATH=src python3 bench/act_variants.py [--shapes 816x16384,816x2048] [--variants default,before,...]
+        [--layouts natural,split] [--out DIR]
 
 Writes act_variants.{json,md}. Exits 1 when a variant's outputs differ from the default's, 2 when it cannot run.
 """
@@ -27,13 +28,15 @@ SHAPES = "816x2048,816x16384,51x1024,51x2048,13056x2048,13056x16384"
 
 
 def variants(sms: int) -> dict[str, dict]:
+    """Name -> act_quant_shuffle keyword arguments. "before": the launch of the commits before 4035bc1 (the
+    smoothing tile loaded at every step, two programs per multiprocessor at every width)."""
     return {
         "default": {},
-        "hoist": {"hoist_smooth": True},
-        "regs128": {"max_registers": 128},
-        "hoist+regs128": {"hoist_smooth": True, "max_registers": 128},
+        "before": {"hoist_smooth": False, "programs": 2 * sms},
+        "smooth-per-step": {"hoist_smooth": False},
+        f"programs{2 * sms}": {"programs": 2 * sms},
         f"programs{sms}": {"programs": sms},
-        f"hoist+programs{sms}": {"hoist_smooth": True, "programs": sms},
+        "regs128": {"max_registers": 128},
     }
 
 

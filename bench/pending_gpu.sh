@@ -1,29 +1,25 @@
 #!/usr/bin/env bash
-# What the eighth session left unchecked on a GPU, as one bounded device call (about 4 minutes):
-#   DUQUANT_COMMIT=<sha> bash bench/pending_gpu.sh      (repository root; results under $OUT)
-# §10d measured the w4a8-fp8 decoder layer 19 us slower at e89780c (chunk fold) than §10c at 0e12740 (transpose
-# fold), while w8a8-fp8, which runs the same FP8 activation path in natural order, got faster. Settle it: the layer
-# bench with each fold in one call (the GEMMs autotune in each run), and the activation transform with each fold
-# writing split-order int8 and FP8 codes. The chunk fold changed no launch apart from the fold itself (CHUNK is
-# now a required constexpr; the host always passed it), so nothing else is pending.
+# One bounded device call (about 6 minutes) that checks and re-measures a change of the folded activation kernel:
+#   DUQUANT_COMMIT=<sha> bash bench/pending_gpu.sh      (repository root; logs and tables under $OUT)
+# 1. the GPU tests of every path that launches it (pytest-xdist: each case is compile-bound, ~10-25 s on one core);
+# 2. the activation transform's table (BENCHMARKS §4c) and the launch variants side by side (act_variants.py);
+# 3. one decoder layer per format (§10), each GEMM autotuned in this run.
 set -u
 export PYTHONPATH=src TRITON_CACHE_AUTOTUNING=1 DUQUANT_COMMIT="${DUQUANT_COMMIT:-unknown}"
 OUT="${OUT:-bench_out}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name --format=csv,noheader
-for fold in chunk transpose; do
-  DUQUANT_FOLD=$fold timeout 170 python3 bench/layer_formats.py --layers 2 --out "$OUT/layer_$fold" 2>&1 | tail -8
-done
-python3 - <<'PY'
-import torch, triton
-from duquant.kernels.triton_act import build_act_plan
-from duquant.kernels.triton_act_shuffle import act_quant_shuffle
-from duquant.random_layers import random_activations, random_transform
-for m, k in ((816, 2048), (51, 1024), (13056, 2048)):
-    plan = build_act_plan(random_transform(k, "duquant", 128, seed=k, steps=4, permute="shuffle"), k, "cuda")
-    x = random_activations(m, k, seed=1, dtype=torch.bfloat16, device="cuda")
-    for kw in (dict(layout="split"), dict(fp8=True), dict(fp8=True, layout="split", fp8_sum=True)):
-        us = {f: triton.testing.do_bench_cudagraph(lambda f=f: act_quant_shuffle(x, plan, clip=0.9, fold=f, **kw)) * 1e3
-              for f in ("chunk", "transpose")}
-        print(m, k, kw, {f: round(v, 2) for f, v in us.items()})
-PY
+DUQUANT_GEMM_QUICK=1 timeout "${PENDING_TIMEOUT:-240}" python3 -m pytest -n "${PENDING_WORKERS:-14}" -rA -p no:cacheprovider \
+    -o addopts="" -k "not gather" \
+    "tests/test_kernels_tile.py::test_gpu_folded_shuffle_kernel_matches_reference" \
+    "tests/test_int4_fp8.py::test_gpu_w4a8_fp8_layer_matches_reference" \
+    "tests/test_geglu_fusion.py::test_gpu_fused_down_projection_matches_unfused" \
+    "tests/test_formats.py::test_gpu_format_matches_its_reference" \
+    "tests/test_kernels.py::test_gpu_backend_layers_match_fake" > "$OUT/gpu_tests.log" 2>&1
+echo "pytest rc=$? passed=$(grep -c '^PASSED' "$OUT/gpu_tests.log") failed=$(grep -c '^FAILED' "$OUT/gpu_tests.log")"
+grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -5; tail -1 "$OUT/gpu_tests.log"
+timeout 120 python3 bench/act_transform.py --quick --no-compile --permute shuffle \
+    --shapes 816x2048,816x16384,51x1024,51x2048,51x4096,13056x2048 --out "$OUT/act" 2>&1 | tail -3
+timeout 90 python3 bench/act_variants.py --shapes 816x2048,816x16384,13056x16384 --layouts split \
+    --variants default,before --out "$OUT/variants" 2>&1 | tail -4
+timeout 170 python3 bench/layer_formats.py --layers 2 --out "$OUT/layer" 2>&1 | tail -9
