@@ -37,6 +37,11 @@ def variants(sms: int) -> dict[str, dict]:
         f"programs{2 * sms}": {"programs": 2 * sms},
         f"programs{sms}": {"programs": sms},
         "regs128": {"max_registers": 128},
+        # K = 2048 (16 blocks) only: tokens per step x warps around the default 4 x 4
+        "br8w8": {"block_tokens": 8, "num_warps": 8},
+        "br4w8": {"block_tokens": 4, "num_warps": 8},
+        "br2w4": {"block_tokens": 2, "num_warps": 4},
+        "br1w4": {"block_tokens": 1, "num_warps": 4},
     }
 
 
