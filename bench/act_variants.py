@@ -8,6 +8,8 @@ CUDA-graph replays, 20 calls per graph).
 
     PYTHONPATH=src python3 bench/act_variants.py [--shapes 816x16384,816x2048] [--variants default,before,...]
         [--layouts natural,split] [--out DIR]
+    PYTHONPATH=src python3 bench/act_variants.py --kernel tile     # the one-tile kernel on zigzag transforms:
+        x prefetch and the smoothing table loaded once per program, each against its default launch
 
 Writes act_variants.{json,md}. Exits 1 when a variant's outputs differ from the default's, 2 when it cannot run.
 """
@@ -45,11 +47,23 @@ def variants(sms: int) -> dict[str, dict]:
     }
 
 
+TILE_VARIANTS = {  # the one-tile kernel (triton_act_tile; what zigzag layers run)
+    "default": {},
+    "prefetch": {"prefetch": True},
+    "hoist": {"hoist_smooth": True},
+    "prefetch+hoist": {"prefetch": True, "hoist_smooth": True},
+}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=SHAPES)
     p.add_argument("--variants", default="", help="comma-separated names (default: all)")
     p.add_argument("--layouts", default="natural,split")
+    p.add_argument("--kernel", choices=("fold", "tile"), default="fold",
+                   help="fold: act_quant_shuffle (permute=shuffle); tile: act_quant_tile's one-tile kernel")
+    p.add_argument("--permute", default=None, help="the transform's permutation (default: shuffle for fold, zigzag "
+                                                   "for tile)")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     a = p.parse_args()
     code = kernel_bench.cannot_run("act_variants")
@@ -57,38 +71,42 @@ def main() -> int:
         return code
     from duquant.kernels.triton_act import build_act_plan
     from duquant.kernels.triton_act_shuffle import act_quant_shuffle
+    from duquant.kernels.triton_act_tile import act_quant_tile
     from duquant.random_layers import random_activations, random_transform
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    table = variants(sms)
+    table = variants(sms) if a.kernel == "fold" else TILE_VARIANTS
+    run = act_quant_shuffle if a.kernel == "fold" else act_quant_tile
+    permute = a.permute or ("shuffle" if a.kernel == "fold" else "zigzag")
     names = [n for n in a.variants.split(",") if n] or list(table)
     rows, bad = [], []
     for shape in a.shapes.split(","):
         m, k = (int(v) for v in shape.split("x"))
-        plan = build_act_plan(random_transform(k, "duquant", 128, seed=k, steps=4, permute="shuffle"), k, "cuda")
+        plan = build_act_plan(random_transform(k, "duquant", 128, seed=k, steps=4, permute=permute), k, "cuda")
         x = random_activations(m, k, seed=1, dtype=torch.bfloat16, device="cuda")
         for layout in a.layouts.split(","):
-            ref = act_quant_shuffle(x, plan, clip=0.9, layout=layout)
+            ref = run(x, plan, clip=0.9, layout=layout)
             row = {"shape": shape, "layout": layout}
             for name in names:
                 kw = table[name]
-                out = act_quant_shuffle(x, plan, clip=0.9, layout=layout, **kw)
+                out = run(x, plan, clip=0.9, layout=layout, **kw)
                 same = all((u is None and v is None) or torch.equal(u, v) for u, v in zip(ref, out))
                 if not same:
                     bad.append(f"{shape} {layout} {name}")
                     row[name] = "differs"
                     continue
-                row[name] = kernel_bench.time_graph(lambda: act_quant_shuffle(x, plan, clip=0.9, layout=layout,
-                                                                              **kw), calls=20)
+                row[name] = kernel_bench.time_graph(lambda: run(x, plan, clip=0.9, layout=layout, **kw), calls=20)
             rows.append(row)
             print({k_: (round(v, 2) if isinstance(v, float) else v) for k_, v in row.items()}, flush=True)
     env = kernel_bench.env_info()
-    md = [f"Folded activation kernel launch variants, µs per call, {env['gpu']}, commit {env['commit']}, "
+    md = [f"Activation kernel launch variants ({a.kernel} kernel, permute={permute}), µs per call, {env['gpu']}, "
+          f"commit {env['commit']}, "
           f"{env['date']}", "", "| shape | layout | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for r in rows:
         md.append(f"| {r['shape']} | {r['layout']} | " + " | ".join(
             f"{r[n]:.2f}" if isinstance(r[n], float) else str(r[n]) for n in names) + " |")
-    kernel_bench.write(a.out, "act_variants", {"env": env, "rows": rows, "differs": bad}, "\n".join(md) + "\n")
+    kernel_bench.write(a.out, "act_variants", {"env": env, "kernel": a.kernel, "permute": permute, "rows": rows,
+                                               "differs": bad}, "\n".join(md) + "\n")
     if bad:
         print("outputs differ from the default launch:", bad)
         return 1

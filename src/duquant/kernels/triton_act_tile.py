@@ -213,7 +213,7 @@ def _tile_act_kernel(
     HAS_R2: tl.constexpr, R2_TWO: tl.constexpr, SYMMETRIC: tl.constexpr, DOT: tl.constexpr,
     PERM_MODE: tl.constexpr, EXACT_DIV: tl.constexpr, USE_LIBDEVICE: tl.constexpr, HOIST: tl.constexpr,
     SPLIT: tl.constexpr, FP8: tl.constexpr, ROUND_E4M3: tl.constexpr, EVEN: tl.constexpr, G: tl.constexpr,
-    PREFETCH: tl.constexpr, FP8_SUM: tl.constexpr,
+    PREFETCH: tl.constexpr, FP8_SUM: tl.constexpr, HOIST_SMOOTH: tl.constexpr = False,
 ):
     R: tl.constexpr = BR * NBP
     KP: tl.constexpr = NBP * BS
@@ -227,6 +227,8 @@ def _tile_act_kernel(
             a0, a1 = _load_matrix(r1_ptr, BS, R1_TWO)
         if HAS_R2:
             b0, b1 = _load_matrix(r2_ptr, BS, R2_TWO)
+    if HOIST_SMOOTH:  # the [NBP, BS] smoothing table is the same every tile: loaded once (the folded kernel's gain)
+        inv_s_tile = tl.load(inv_s_ptr + tl.arange(0, NBP)[:, None] * BS + tl.arange(0, BS)[None, :])
     for tile in range(pid, num_tiles, nprog):
         # Index tensors are built inside the loop from a zero the compiler cannot see through: hoisted out of it,
         # the [R, BS] channel / mask / pointer tensors (two layouts each, 64-bit pointers) stay live across the
@@ -256,7 +258,10 @@ def _tile_act_kernel(
             x = tl.load(x_ptr + tok[:, None].to(tl.int64) * stride_xm + chan, mask=tmask[:, None] & valid,
                         other=0.0).to(tl.float32)
         if HAS_SMOOTH:
-            x = x * tl.load(inv_s_ptr + chan)  # [KP] table, zero beyond K
+            if HOIST_SMOOTH:
+                x = tl.reshape(tl.reshape(x, (BR, NBP, BS)) * inv_s_tile[None, :, :], (R, BS))
+            else:
+                x = x * tl.load(inv_s_ptr + chan)  # [KP] table, zero beyond K
         if PRESCALE:  # power of two per token: exact, keeps fp16 operands in range (module docstring)
             amax = _per_token(tl.max(tl.abs(x), axis=1), BR, NBP, 0)
             e = tl.floor(tl.log2(tl.maximum(amax, 1e-30)))
@@ -484,7 +489,7 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
                    block_tokens: int | None = None, num_warps: int | None = None, perm_mode: str | int | None = None,
                    programs: int | None = None, hoist: bool = True, fp8: bool = False, chunk_rows: int | None = None,
                    prefetch: bool = False, out: tuple | None = None, up: torch.Tensor | None = None,
-                   fp8_sum: bool = False):
+                   fp8_sum: bool = False, hoist_smooth: bool = False):
     """Same contract as ``triton_act.act_quant``: x [M, K] -> (codes int8 [M, Kc], scale f32 [M], zero f32 [M] |
     None, rowsum int32 [M]). ``out`` = preallocated (codes, scale, zero, rowsum) to write into (CUDA graphs,
     poisoned-output checks). ``programs``: persistent grid size (default 2 per multiprocessor); each program
@@ -499,7 +504,9 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
     each next one before the current one computes (the folded kernel's measured gain, BENCHMARKS.md §4); off by
     default here until the H100 sweep of this kernel (bench/act_transform.py) has measured it. ``up``: x is a
     GeGLU gate and ``up`` its up projection; the transformed input is gelu_tanh(x) * up, fused into the folded
-    kernel (``can_fuse_geglu`` says when that kernel runs this plan)."""
+    kernel (``can_fuse_geglu`` says when that kernel runs this plan). ``hoist_smooth`` (one-tile kernel): load the
+    smoothing table once per program instead of once per tile (the folded kernel's default since the ninth
+    session, BENCHMARKS.md §4c); the same products."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} not in {list(PRECISIONS)}")
     default_launch = (block_tokens is None and num_warps is None and perm_mode is None and chunk_rows is None
@@ -595,7 +602,7 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
         SPLIT=layout == "split", FP8=bool(fp8), ROUND_E4M3=_INTERPRET, EVEN=k == nbp * bs,
         G=plan.shuffle_piece if pmode == PERM_MODES["transpose"] else 1,  # (other modes: no extra specialization)
         PREFETCH=bool(prefetch), FP8_SUM=bool(fp8 and rowsum is not None),
-        num_warps=warps, **flags,
+        HOIST_SMOOTH=bool(hoist_smooth and flags["HAS_SMOOTH"]), num_warps=warps, **flags,
     )
     return codes, scale, zero, rowsum
 
