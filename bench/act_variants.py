@@ -49,8 +49,9 @@ def variants(sms: int) -> dict[str, dict]:
 
 TILE_VARIANTS = {  # the one-tile kernel (triton_act_tile; what zigzag layers run)
     "default": {},
-    "prefetch": {"prefetch": True},
-    "hoist": {"hoist_smooth": True},
+    "before": {"prefetch": False, "hoist_smooth": False},  # its launch before the ninth session
+    "prefetch-only": {"prefetch": True, "hoist_smooth": False},
+    "hoist-only": {"prefetch": False, "hoist_smooth": True},
     "prefetch+hoist": {"prefetch": True, "hoist_smooth": True},
 }
 

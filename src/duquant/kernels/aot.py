@@ -72,7 +72,8 @@ def tile_kernel_report(block_tokens: int, nbp: int, num_warps: int, precision: s
     cons = dict(BR=block_tokens, NBP=nbp, BS=128, HAS_SMOOTH=True, HAS_R1=True, R1_TWO=two, HAS_PERM=True,
                 HAS_R2=True, R2_TWO=two, SYMMETRIC=False, DOT=dot, PERM_MODE=perm_mode, EXACT_DIV=exact_div,
                 USE_LIBDEVICE=True, HOIST=hoist, SPLIT=False, FP8=fp8, ROUND_E4M3=False, EVEN=not two,
-                G=max(1, 128 // nbp) if perm_mode == 2 else 1, PREFETCH=False, FP8_SUM=False)
+                G=max(1, 128 // nbp) if perm_mode == 2 else 1, PREFETCH=True, FP8_SUM=False,
+                HOIST_SMOOTH=block_tokens * nbp < 128)  # the host's defaults (act_quant_tile)
     cons.update(flags)  # e.g. HAS_PERM=False: what one stage costs in registers
     if cons["FP8_SUM"]:
         sig["rowsum_ptr"] = "*fp32"

@@ -488,8 +488,8 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
                    layout: str = "natural", precision: str = "fp16", exact_div: bool | None = None,
                    block_tokens: int | None = None, num_warps: int | None = None, perm_mode: str | int | None = None,
                    programs: int | None = None, hoist: bool = True, fp8: bool = False, chunk_rows: int | None = None,
-                   prefetch: bool = False, out: tuple | None = None, up: torch.Tensor | None = None,
-                   fp8_sum: bool = False, hoist_smooth: bool = False):
+                   prefetch: bool | None = None, out: tuple | None = None, up: torch.Tensor | None = None,
+                   fp8_sum: bool = False, hoist_smooth: bool | None = None):
     """Same contract as ``triton_act.act_quant``: x [M, K] -> (codes int8 [M, Kc], scale f32 [M], zero f32 [M] |
     None, rowsum int32 [M]). ``out`` = preallocated (codes, scale, zero, rowsum) to write into (CUDA graphs,
     poisoned-output checks). ``programs``: persistent grid size (default 2 per multiprocessor); each program
@@ -500,17 +500,17 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
     per program step in chunks of that many blocks (``_tile_act_chunked_kernel``; default for tokens of more than
     32 blocks, 0 = never).
     ``exact_div``: IEEE division for the codes (None, the default: IEEE here, and a shuffle plan's folded kernel
-    keeps its own default). ``prefetch`` (one-tile kernel): request the first x tile before the matrices load and
-    each next one before the current one computes (the folded kernel's measured gain, BENCHMARKS.md §4); off by
-    default here until the H100 sweep of this kernel (bench/act_transform.py) has measured it. ``up``: x is a
+    keeps its own default). ``prefetch`` (one-tile kernel, default on): request the first x tile before the
+    matrices load and each next one before the current one computes. ``up``: x is a
     GeGLU gate and ``up`` its up projection; the transformed input is gelu_tanh(x) * up, fused into the folded
-    kernel (``can_fuse_geglu`` says when that kernel runs this plan). ``hoist_smooth`` (one-tile kernel): load the
-    smoothing table once per program instead of once per tile (the folded kernel's default since the ninth
-    session, BENCHMARKS.md §4c); the same products."""
+    kernel (``can_fuse_geglu`` says when that kernel runs this plan). ``hoist_smooth`` (one-tile kernel; default
+    on below 128-row tiles, where it would spill): load the smoothing table once per program instead of once per
+    tile; the same products. Both defaults since the ninth session (H200, zigzag, BENCHMARKS.md §4c: 19.9 -> 18.8
+    us at 816 x 2048, 162.5 -> 156.8 at 816 x 16384 with the prefetch alone, 206.9 -> 195.0 at 13056 x 2048)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} not in {list(PRECISIONS)}")
     default_launch = (block_tokens is None and num_warps is None and perm_mode is None and chunk_rows is None
-                      and hoist and programs is None and not prefetch)
+                      and hoist and programs is None and prefetch is None and hoist_smooth is None)
     if default_launch and _fold_default(plan, precision):
         from duquant.kernels.triton_act_shuffle import act_quant_shuffle
 
@@ -576,6 +576,8 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
                                programs, fp8, int(chunk_rows), nbp, warps)
     if br * nbp < 16:
         raise ValueError(f"a tile needs >= 16 rows for tl.dot: BR={br} x {nbp} blocks")
+    prefetch = True if prefetch is None else prefetch
+    hoist_smooth = br * nbp < 128 if hoist_smooth is None else hoist_smooth  # a 128-row tile would spill
     flags = dict(HAS_SMOOTH=plan.inv_smooth is not None, HAS_R1=plan.r1 is not None,
                  R1_TWO=plan.r1 is not None and plan.r1.shape[0] == 2, HAS_PERM=plan.perm_fwd is not None,
                  HAS_R2=plan.r2 is not None, R2_TWO=plan.r2 is not None and plan.r2.shape[0] == 2)
