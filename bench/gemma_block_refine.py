@@ -246,6 +246,14 @@ def geglu_fn(mlp):
     return fn
 
 
+def mlpout_fn(mlp, down_weight: torch.Tensor):
+    """The MLP's output with gate / up quantized and the down projection in float (the GeGLU's error as the down
+    projection sees it)."""
+    def fn(x):
+        return (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)) @ down_weight.T
+    return fn
+
+
 def learns_for(groups: list[list[str]], transforms: dict[tuple, LayerTransform], prefix: str) -> dict[str, Learn]:
     out = {}
     for g in groups:
@@ -264,8 +272,13 @@ def main() -> int:
     p.add_argument("--block-steps", type=int, default=100, help="Adam steps of the block loss per decoder layer")
     p.add_argument("--block-lr", type=float, default=3e-3)
     p.add_argument("--per-step", type=int, default=2, help="calibration windows per block-loss step")
+    p.add_argument("--objective", choices=("block", "geglu", "mlpout"), default="block",
+                   help="full row: the scope refined after the per-group refinement")
     p.add_argument("--pilot", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="full row with RTN rounding and no clip search (a quick check)")
     p.add_argument("--layers", default="3,9,15")
+    p.add_argument("--variants", default="geglu,mlpout,block_from_greedy,block_from_group",
+                   help="pilot: the refinements compared with the greedy and per-group transforms")
     a = p.parse_args()
 
     from duquant import api
@@ -282,6 +295,8 @@ def main() -> int:
     base = DuQuantConfig(w_clip=0.9, gptq_damp=0.1).replace(scope="", include=rm.BLOCK_LINEARS, preset=None)
     cfg = base.replace(method="duquant", wbits=4, abits=4, weight_rounding="gptq-clip", seed=a.seed,
                        rotation_refine_steps=a.steps, act_clip_search=True)
+    if a.smoke:
+        cfg = cfg.replace(weight_rounding="rtn", act_clip_search=False)
     sel = select_layers(model, base)
     modules = dict(sel.modules)
     q = dict(wbits=4, abits=4, act_clip=cfg.activation_clip_for(4), w_clip=cfg.weight_clip(4))
@@ -319,23 +334,29 @@ def main() -> int:
             t1 = time.perf_counter()
             group = {tuple(g): api.group_transform(g, modules, cal.stats[g[0]], cfg) for g in groups}
             row["group"], row["group_s"] = held_err(group), round(time.perf_counter() - t1)
-            # geglu: the gate/up group's rotations (from the per-group result) refined on act(gate) * up
+            # geglu / mlpout: the gate/up group's rotations (from the per-group result) refined on act(gate) * up,
+            # or on the MLP output with a float down projection
             gu = [g for g in groups if any(n.endswith("gate_proj") for n in g)][0]
-            t2 = time.perf_counter()
-            ls = learns_for([gu], group, prefix)
             mlp = layer.mlp
             xs = cap_c.mlp[i]
-            with torch.no_grad():
-                tg = [geglu_fn(mlp)(x) for x in xs]
-            zeros = [torch.zeros_like(t) for t in tg]
-            mrel = {k[len("mlp."):]: v for k, v in ls.items()}
-            refine_scope(geglu_fn(mlp), xs, tg, zeros, mlp, list(mrel), mrel, q, steps=a.block_steps,
-                         lr=a.block_lr, seed=a.seed)
-            geglu = dict(group)
-            geglu[tuple(gu)] = next(iter(ls.values())).final()
-            row["geglu"], row["geglu_s"] = held_err(geglu), round(time.perf_counter() - t2)
+            for name, sfn in (("geglu", geglu_fn(mlp)), ("mlpout", mlpout_fn(mlp, mlp.down_proj.weight.detach()))):
+                if name not in a.variants:
+                    continue
+                t2 = time.perf_counter()
+                ls = learns_for([gu], group, prefix)
+                with torch.no_grad():
+                    tg = [sfn(x) for x in xs]
+                zeros = [torch.zeros_like(t) for t in tg]
+                mrel = {k[len("mlp."):]: v for k, v in ls.items()}
+                refine_scope(sfn, xs, tg, zeros, mlp, list(mrel), mrel, q, steps=a.block_steps,
+                             lr=a.block_lr, per_step=a.per_step, seed=a.seed)
+                var = dict(group)
+                var[tuple(gu)] = next(iter(ls.values())).final()
+                row[name], row[name + "_s"] = held_err(var), round(time.perf_counter() - t2)
             # block from the greedy transforms and from the per-group result
             for name, init in (("block_from_greedy", greedy), ("block_from_group", group)):
+                if name not in a.variants:
+                    continue
                 t3 = time.perf_counter()
                 ls = learns_for(groups, init, prefix)
                 log = []
@@ -354,6 +375,9 @@ def main() -> int:
     # full row: per-group refinement, then the block loss per decoder layer, inside quantize()
     n_layers = len(model.model.layers)
     cap = capture(model, calib, set(range(n_layers)))
+    if a.objective in ("geglu", "mlpout"):  # only the MLP inputs are needed
+        cap.inp = {i: [] for i in range(n_layers)}
+        cap.out = {i: [] for i in range(n_layers)}
     done: dict[tuple, LayerTransform] = {}
     orig = api.group_transform
     block_s = [0.0]
@@ -370,6 +394,20 @@ def main() -> int:
         first = {tuple(g): orig(g, modules, cal.stats[g[0]], config, transforms) for g in groups}
         t0 = time.perf_counter()
         layer = model.model.layers[i]
+        if a.objective in ("geglu", "mlpout"):  # only the gate/up group, on act(gate) * up
+            done.update(first)
+            gu = [g for g in groups if any(n.endswith("gate_proj") for n in g)][0]
+            ls = learns_for([gu], first, prefix)
+            mlp, xs = layer.mlp, cap.mlp[i]
+            sfn = geglu_fn(mlp) if a.objective == "geglu" else mlpout_fn(mlp, mlp.down_proj.weight.detach())
+            with torch.no_grad():
+                tg = [sfn(x) for x in xs]
+            mrel = {k[len("mlp."):]: v for k, v in ls.items()}
+            refine_scope(sfn, xs, tg, [torch.zeros_like(t) for t in tg], mlp, list(mrel), mrel, q,
+                         steps=a.block_steps, lr=a.block_lr, per_step=a.per_step, seed=a.seed + i)
+            done[tuple(gu)] = next(iter(ls.values())).final()
+            block_s[0] += time.perf_counter() - t0
+            return done[key]
         rel = [n[len(prefix):] for g in groups for n in g]
         ls = learns_for(groups, first, prefix)
         refine_scope(block_fn(layer), cap.inp[i], cap.out[i], [h for h, _ in cap.inp[i]], layer, rel, ls, q,
@@ -385,8 +423,8 @@ def main() -> int:
         t0 = time.perf_counter()
         rep = api.quantize(model, cfg, calibration=cal, progress=False, verbose=False)
     wall = time.perf_counter() - t0
-    print(json.dumps(dict(seed=a.seed, steps=a.steps, block_steps=a.block_steps, per_step=a.per_step,
-                          block_lr=a.block_lr, wall_s=round(wall), block_s=round(block_s[0]),
+    print(json.dumps(dict(seed=a.seed, objective=a.objective, steps=a.steps, block_steps=a.block_steps,
+                          per_step=a.per_step, block_lr=a.block_lr, wall_s=round(wall), block_s=round(block_s[0]),
                           phase_seconds=rep.phase_seconds, held=rm.perplexity(model, held) / f_held,
                           check=rm.perplexity(model, check) / f_check)))
     return 0
