@@ -54,6 +54,10 @@ _SCRIPT = PREAMBLE + textwrap.dedent("""
         else:
             assert bool(((zx - rzx).abs() <= (0 if prec == "ieee" else 1)).all()), k
         assert torch.equal(rs, reference.code_row_sums(codes)), k
+        if not chunk:  # the smoothing table loaded at every tile (the 128-row tiles' default): the same products
+            again = act_quant_tile(x, plan, symmetric=sym, clip=0.9, layout=layout, precision=prec, perm_mode=pmode,
+                                   block_tokens=br, prefetch=k % 2 == 0, hoist_smooth=False)
+            assert all(torch.equal(a, b) for a, b in zip(again, (codes, sx, zx, rs)) if a is not None), k
     print("TILE INTERPRETER OK")
 """)
 
