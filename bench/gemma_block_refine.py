@@ -9,6 +9,7 @@ transform (per-token activations, per-channel weights, round-to-nearest with a s
   block  the decoder layer's output (attention with q/k norms, RoPE, the post-norms, the GeGLU), on the layer
          inputs of the calibration windows captured with a forward pre-hook; all four groups learned at once
   geglu  act(gate(x)) * up(x) for the gate/up group alone (the other groups: the per-group refinement)
+  mlpout down(act(gate(x)) * up(x)) with gate / up quantized and the down projection in float, gate/up group alone
 
 Two modes:
 
@@ -16,11 +17,12 @@ Two modes:
             float layer's update, out - in) of the greedy transforms, the per-group refinement and the new
             objectives, W4A4 RTN, no clip search
   (default) one full row as bench/gemma_refine.py (gptq-clip, act clip search, 20 windows), the transforms of each
-            layer block-refined after the per-group refinement (the block loss starts from the per-group result;
-            a checkpoint is kept only if the calibration-set block loss beats it)
+            layer refined by --objective's loss after the per-group refinement (starting from the per-group result;
+            a checkpoint is kept only if the calibration-set loss beats it)
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python3 bench/gemma_block_refine.py --pilot --seed 0
-    OMP_NUM_THREADS=1 PYTHONPATH=src python3 bench/gemma_block_refine.py --seed 0 --steps 200 --block-steps 100
+    OMP_NUM_THREADS=1 PYTHONPATH=src python3 bench/gemma_block_refine.py --objective mlpout --seed 0 --steps 200 \
+        --block-steps 150
 """
 
 from __future__ import annotations
