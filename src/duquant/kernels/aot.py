@@ -61,7 +61,7 @@ def tile_kernel_report(block_tokens: int, nbp: int, num_warps: int, precision: s
                        hoist: bool = True, fp8: bool = False, two: bool = False, exact_div: bool = True,
                        arch: int = 90, **flags) -> dict:
     """compile_report of ``triton_act_tile._tile_act_kernel`` with a DuQuant transform (smooth, R1, perm, R2)."""
-    from duquant.kernels.triton_act_tile import PRECISIONS, _tile_act_kernel
+    from duquant.kernels.triton_act_tile import PRECISIONS, _tile_act_kernel, hoist_smooth_default
 
     dot = PRECISIONS[precision]
     op = {0: "fp32", 1: "fp32", 2: "bf16", 3: "fp16"}[dot]
@@ -73,7 +73,7 @@ def tile_kernel_report(block_tokens: int, nbp: int, num_warps: int, precision: s
                 HAS_R2=True, R2_TWO=two, SYMMETRIC=False, DOT=dot, PERM_MODE=perm_mode, EXACT_DIV=exact_div,
                 USE_LIBDEVICE=True, HOIST=hoist, SPLIT=False, FP8=fp8, ROUND_E4M3=False, EVEN=not two,
                 G=max(1, 128 // nbp) if perm_mode == 2 else 1, PREFETCH=True, FP8_SUM=False,
-                HOIST_SMOOTH=block_tokens * nbp < 128)  # the host's defaults (act_quant_tile)
+                HOIST_SMOOTH=hoist_smooth_default(block_tokens * nbp))  # the host's defaults (act_quant_tile)
     cons.update(flags)  # e.g. HAS_PERM=False: what one stage costs in registers
     if cons["FP8_SUM"]:
         sig["rowsum_ptr"] = "*fp32"

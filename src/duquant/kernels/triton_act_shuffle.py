@@ -51,8 +51,10 @@ from duquant.kernels.triton_act_tile import (
     _dot,
     _fp8_codes,
     _int8_codes,
+    _load_block_table,
     _load_tile,
     _per_token,
+    _times_block_table,
     _to_rows,
 )
 
@@ -128,7 +130,7 @@ def _shuffle_act_kernel(
             u_next = _load_tile(u_ptr, stride_um, M, K, pid, BR, NB, BS, True)
     kk = tl.arange(0, BS)
     if HOIST_SMOOTH:  # the [NB, BS] smoothing tile is the same every step: requested once, beside the x prefetch
-        inv_s_tile = tl.load(inv_s_ptr + tl.arange(0, NB)[:, None] * BS + kk[None, :])
+        inv_s_tile = _load_block_table(inv_s_ptr, NB, BS)
     r1 = tl.load(r1_ptr + kk[:, None] * BS + kk[None, :])
     r2 = tl.load(r2_ptr + kk[:, None] * BS + kk[None, :])
     for step in tl.range(pid, n_steps, nprog, num_stages=STAGES):
@@ -156,7 +158,7 @@ def _shuffle_act_kernel(
                 x = x.to(tl.float32)
         if HAS_SMOOTH:
             if HOIST_SMOOTH:
-                x = tl.reshape(tl.reshape(x, (BR, NB, BS)) * inv_s_tile[None, :, :], (R, BS))
+                x = _times_block_table(x, inv_s_tile, BR, NB, BS)
             else:
                 x = x * tl.load(inv_s_ptr + chan)
         if PRESCALE:  # power of two per token: exact, keeps fp16 operands in range (triton_act_tile)

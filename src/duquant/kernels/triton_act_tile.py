@@ -190,6 +190,25 @@ def _int8_codes(y, valid, clip, BR: tl.constexpr, NBP: tl.constexpr, EVEN: tl.co
 
 
 @triton.jit
+def _load_block_table(t_ptr, NBP: tl.constexpr, BS: tl.constexpr):
+    """A [NBP * BS] per-channel table as the [NBP, BS] tile every step of a program multiplies by (loaded once,
+    outside the step loop: ``HOIST_SMOOTH``)."""
+    return tl.load(t_ptr + tl.arange(0, NBP)[:, None] * BS + tl.arange(0, BS)[None, :])
+
+
+@triton.jit
+def _times_block_table(x, table, BR: tl.constexpr, NBP: tl.constexpr, BS: tl.constexpr):
+    """A [BR * NBP, BS] tile (rows = token, block) times a [NBP, BS] per-channel table, the same for every token."""
+    return tl.reshape(tl.reshape(x, (BR, NBP, BS)) * table[None, :, :], (BR * NBP, BS))
+
+
+def hoist_smooth_default(rows: int) -> bool:
+    """Whether a kernel step of `rows` tile rows keeps the smoothing table in registers across steps by default: below
+    128 rows (a 128-row tile would spill; BENCHMARKS.md §4c)."""
+    return rows < 128
+
+
+@triton.jit
 def _load_tile(x_ptr, stride_xm, M, K, tile, BR: tl.constexpr, NBP: tl.constexpr, BS: tl.constexpr,
                EVEN: tl.constexpr):
     """The [BR * NBP, BS] x tile of `tile` (rows = token, block), zero past M and K."""
@@ -228,7 +247,7 @@ def _tile_act_kernel(
         if HAS_R2:
             b0, b1 = _load_matrix(r2_ptr, BS, R2_TWO)
     if HOIST_SMOOTH:  # the [NBP, BS] smoothing table is the same every tile: loaded once (the folded kernel's gain)
-        inv_s_tile = tl.load(inv_s_ptr + tl.arange(0, NBP)[:, None] * BS + tl.arange(0, BS)[None, :])
+        inv_s_tile = _load_block_table(inv_s_ptr, NBP, BS)
     for tile in range(pid, num_tiles, nprog):
         # Index tensors are built inside the loop from a zero the compiler cannot see through: hoisted out of it,
         # the [R, BS] channel / mask / pointer tensors (two layouts each, 64-bit pointers) stay live across the
@@ -259,7 +278,7 @@ def _tile_act_kernel(
                         other=0.0).to(tl.float32)
         if HAS_SMOOTH:
             if HOIST_SMOOTH:
-                x = tl.reshape(tl.reshape(x, (BR, NBP, BS)) * inv_s_tile[None, :, :], (R, BS))
+                x = _times_block_table(x, inv_s_tile, BR, NBP, BS)
             else:
                 x = x * tl.load(inv_s_ptr + chan)  # [KP] table, zero beyond K
         if PRESCALE:  # power of two per token: exact, keeps fp16 operands in range (module docstring)
@@ -577,7 +596,7 @@ def act_quant_tile(x: torch.Tensor, plan: ActPlan, *, symmetric: bool = False, c
     if br * nbp < 16:
         raise ValueError(f"a tile needs >= 16 rows for tl.dot: BR={br} x {nbp} blocks")
     prefetch = True if prefetch is None else prefetch
-    hoist_smooth = br * nbp < 128 if hoist_smooth is None else hoist_smooth  # a 128-row tile would spill
+    hoist_smooth = hoist_smooth_default(br * nbp) if hoist_smooth is None else hoist_smooth
     flags = dict(HAS_SMOOTH=plan.inv_smooth is not None, HAS_R1=plan.r1 is not None,
                  R1_TWO=plan.r1 is not None and plan.r1.shape[0] == 2, HAS_PERM=plan.perm_fwd is not None,
                  HAS_R2=plan.r2 is not None, R2_TWO=plan.r2 is not None and plan.r2.shape[0] == 2)
