@@ -39,12 +39,18 @@ def variants(sms: int) -> dict[str, dict]:
         f"programs{2 * sms}": {"programs": 2 * sms},
         f"programs{sms}": {"programs": sms},
         "regs128": {"max_registers": 128},
-        # K = 2048 (16 blocks) only: tokens per step x warps around the default 4 x 4
-        "br8w8": {"block_tokens": 8, "num_warps": 8},
-        "br4w8": {"block_tokens": 4, "num_warps": 8},
-        "br2w4": {"block_tokens": 2, "num_warps": 4},
-        "br1w4": {"block_tokens": 1, "num_warps": 4},
+        **K2048_STEPS,
     }
+
+
+# tokens per step x warps around K = 2048's default 4 x 4: at other widths these steps are other row counts (1024
+# rows at K = 16384, over shared memory), so they run at K = 2048 only ("n/a" elsewhere)
+K2048_STEPS = {
+    "br8w8": {"block_tokens": 8, "num_warps": 8},
+    "br4w8": {"block_tokens": 4, "num_warps": 8},
+    "br2w4": {"block_tokens": 2, "num_warps": 4},
+    "br1w4": {"block_tokens": 1, "num_warps": 4},
+}
 
 
 TILE_VARIANTS = {  # the one-tile kernel (triton_act_tile; what zigzag layers run)
@@ -80,6 +86,9 @@ def main() -> int:
     run = act_quant_shuffle if a.kernel == "fold" else act_quant_tile
     permute = a.permute or ("shuffle" if a.kernel == "fold" else "zigzag")
     names = [n for n in a.variants.split(",") if n] or list(table)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        p.error(f"unknown --variants {unknown} for --kernel {a.kernel}: choose from {list(table)}")
     rows, bad = [], []
     for shape in a.shapes.split(","):
         m, k = (int(v) for v in shape.split("x"))
@@ -89,6 +98,9 @@ def main() -> int:
             ref = run(x, plan, clip=0.9, layout=layout)
             row = {"shape": shape, "layout": layout}
             for name in names:
+                if name in K2048_STEPS and k != 2048:
+                    row[name] = "n/a"
+                    continue
                 kw = table[name]
                 out = run(x, plan, clip=0.9, layout=layout, **kw)
                 same = all((u is None and v is None) or torch.equal(u, v) for u, v in zip(ref, out))

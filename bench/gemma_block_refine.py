@@ -107,7 +107,7 @@ class Swapped:
 
     def __init__(self, root: nn.Module, names: list[str], learns: dict[str, Learn], q: dict):
         self.root, self.names, self.learns, self.q, self.saved = root, names, learns, q, {}
-        self.weights = {n: _parent_attr(root, n)[0].get_submodule(_parent_attr(root, n)[1]).weight for n in names}
+        self.weights = {n: root.get_submodule(n).weight for n in names}
 
     def __enter__(self):
         for n in self.names:
@@ -125,16 +125,8 @@ class Swapped:
 
 def scope_error(fn, inputs, targets, bases, learns_list, root, names, learns, q) -> float:
     """sum ||fn_q(inp) - target||^2 / sum ||target - base||^2 over the windows (no grad)."""
-    num = den = 0.0
-    with torch.no_grad():
-        for lt in learns_list:
-            lt.refresh()
-        with Swapped(root, names, learns, q):
-            for inp, tgt, base in zip(inputs, targets, bases, strict=True):
-                out = fn(inp)
-                num += float((out - tgt).pow(2).sum())
-                den += float((tgt - base).pow(2).sum())
-    return num / max(den, 1e-30)
+    with torch.no_grad(), Swapped(root, names, learns, q):
+        return _err_swapped(fn, inputs, targets, bases, learns_list)
 
 
 def refine_scope(fn, inputs, targets, bases, root, names, learns: dict[str, Learn], q: dict, *, steps: int,
@@ -173,6 +165,7 @@ def refine_scope(fn, inputs, targets, bases, root, names, learns: dict[str, Lear
 
 
 def _err_swapped(fn, inputs, targets, bases, uniq) -> float:
+    """The scope error of `fn` with the Linears already swapped (the transforms' matrices refreshed first)."""
     for lt in uniq:
         lt.refresh()
     num = den = 0.0
